@@ -1,0 +1,46 @@
+# jerald-nbk: the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.jerald-installed
+MPIEXEC := $(VENV)/bin/mpiexec
+NPROC_MPI ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-serial test-mpi bench lint format clean
+
+# The stamp is rebuilt when the pins, the build recipe or the C++ kernels change.
+$(STAMP): setup.cfg setup.py pyproject.toml scripts/install_stack.sh src_cpp/cic.cpp
+	./scripts/install_stack.sh
+	@touch $(STAMP)
+
+## install: build the whole stack into .venv (idempotent; wheels cached in ~/.cache/jerald-nbk)
+install:
+	./scripts/install_stack.sh
+	@touch $(STAMP)
+
+## demo: the main job on its embedded default (small end-to-end run: maps, power spectra, plots)
+demo: $(STAMP)
+	$(VENV)/bin/jerald demo
+
+## test: the whole suite, single process and under mpiexec -n 2
+test: $(STAMP) test-serial test-mpi
+
+test-serial: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-mpi: $(STAMP)
+	$(MPIEXEC) -n $(NPROC_MPI) $(PY) -m pytest -q --with-mpi -m mpi -p no:cacheprovider $(PYTEST_ARGS)
+
+## bench: run the benchmarks, results in benchmarks/results/latest.json
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf build *.egg-info jerald_nbk/*.so .pytest_cache

@@ -1,0 +1,1 @@
+"""The JERALD model: parameter tables, displacement layers, final transforms, the pipeline."""

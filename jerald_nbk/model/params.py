@@ -1,0 +1,176 @@
+"""Parameter tables: names, scalings, initial values and bounds of every JERALD target.
+
+One table per target is the single place where a parameter is defined. The optimiser works on
+*raw* values, ``physical = raw * scale``: the scales make every raw value O(1) (the reference code
+multiplies alpha by 1e-2, and by 1e-3 in the HI layers). Bounds are on physical values and are
+enforced by projection after every optimiser step.
+
+Per-layer names carry the layer index: ``alpha_0, gamma_0, kh_0, kl_0, nu_0, alpha_1, ...``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+TARGETS = ("dm", "stellar", "hi")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One learnable parameter: physical value = raw * ``scale``; bounds are physical."""
+
+    name: str
+    init: float
+    scale: float = 1.0
+    lower: float = -math.inf
+    upper: float = math.inf
+    doc: str = ""
+
+
+def _layer(i: int, alpha_scale: float, suffix: str = "", what: str = "") -> list[ParamSpec]:
+    # Initial values: a weak, nearly local layer (LDL starts every layer at alpha=1e-3,
+    # gamma=0.5, kh=1, kl=8, n=0). gamma bounds are LDL's (0.05, 2).
+    s = f"{suffix}_{i}"
+    return [
+        ParamSpec(f"alpha{s}", 1e-3, alpha_scale, doc=f"displacement amplitude{what} (Mpc/h)^2"),
+        ParamSpec(f"gamma{s}", 0.5, 1.0, 0.05, 2.0, doc=f"power of 1+delta{what}"),
+        ParamSpec(f"kh{s}", 1.0, 1.0, 0.0, doc=f"large-scale cut of the Green's function{what} (h/Mpc)"),
+        ParamSpec(f"kl{s}", 8.0, 1.0, 0.1, doc=f"small-scale cut of the Green's function{what} (h/Mpc)"),
+        ParamSpec(f"nu{s}", 0.0, 1.0, doc=f"power of k in the Green's function{what}"),
+    ]
+
+
+def dm_layer_names(i: int) -> list[str]:
+    """Names of the 5 parameters of DM / stellar displacement layer ``i``."""
+    return [p.name for p in _layer(i, 1.0)]
+
+
+def hi_layer_names(i: int) -> list[str]:
+    """Names of the 10 parameters of HI displacement layer ``i`` (DM-source term, then stellar)."""
+    return [p.name for p in _layer(i, 1.0, "1")] + [p.name for p in _layer(i, 1.0, "2")]
+
+
+def table(target: str, n_layers: int, hi_shift: bool = False, w_init: float = 1.0) -> list[ParamSpec]:
+    """The parameter table of a target.
+
+    Parameters
+    ----------
+    target : {"dm", "stellar", "hi"}
+        DM: ``5 n_layers`` parameters (eq 2, 7); stellar: ``5 n_layers + 3`` (eq 2, 6, 8);
+        HI: ``10 n_layers + 11`` (eq 12-15), ``+1`` with ``hi_shift``.
+    n_layers : int
+        Number of displacement layers (0 allowed for stellar and HI: transform only).
+    hi_shift : bool
+        HI only: the reference code's per-redshift shift ``zs`` inside the power,
+        ``ReLU(1 + delta + zs)^mu``.
+    w_init : float
+        Initial ``w`` of the final transform (stellar: the mean target per particle, model.md).
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if n_layers < 0 or (target == "dm" and n_layers < 1):
+        raise ValueError(f"n_layers must be >= {1 if target == 'dm' else 0}, got {n_layers}")
+    out: list[ParamSpec] = []
+    if target in ("dm", "stellar"):
+        for i in range(n_layers):
+            out += _layer(i, 1e-2)
+    else:
+        for i in range(n_layers):
+            out += _layer(i, 1e-3, "1", " (DM source)") + _layer(i, 1e-3, "2", " (stellar source)")
+    if target == "stellar":
+        out += [
+            ParamSpec("w", w_init, 1.0, 1e-5, doc="amplitude of the stellar transform (eq 8)"),
+            ParamSpec("mu", 1.0, 1.0, 0.1, doc="power of 1+delta in eq 8"),
+            ParamSpec("b", 0.0, 1.0, doc="threshold of eq 8"),
+        ]
+    elif target == "hi":
+        out += [
+            ParamSpec("w", w_init, 1.0, 1e-5, doc="amplitude of the HI transform (eq 13)"),
+            ParamSpec("mu", 1.0, 1.0, 0.1, doc="power of 1+delta in eq 13"),
+            ParamSpec("b", 0.0, 1.0, doc="threshold of eq 13"),
+            ParamSpec("beta1", 0.0, 1.0, doc="depletion around stars, filtered term (eq 14)"),
+            ParamSpec("beta2", 0.0, 1.0, doc="local stellar conversion term (eq 14)"),
+            ParamSpec("eta", 0.0, 1.0, doc="offset inside the depletion ReLU (eq 14)"),
+            ParamSpec("gamma3", 1.0, 1.0, 0.05, 2.0, doc="power of 1+delta_star (eq 14)"),
+            ParamSpec("kIh", 1.0, 1.0, 0.0, doc="large-scale cut of O_I (eq 15, h/Mpc)"),
+            ParamSpec("kIl", 8.0, 1.0, 0.1, doc="small-scale cut of O_I (eq 15, h/Mpc)"),
+            ParamSpec("nuI", 0.0, 1.0, doc="power of k in O_I (eq 15)"),
+            ParamSpec("xi", 0.0, 1.0, doc="constant of O_I (eq 15)"),
+        ]
+        if hi_shift:
+            out.append(ParamSpec("zs", 0.0, 1.0, doc="shift inside the power of eq 13"))
+    return out
+
+
+class ParamTable:
+    """A target's parameters as one flat raw vector, with names, scalings and bounds.
+
+    Parameters
+    ----------
+    specs : sequence of ParamSpec
+        Usually from :func:`table`.
+    """
+
+    def __init__(self, specs: Sequence[ParamSpec]):
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate parameter names in {names}")
+        self.specs = tuple(specs)
+        self.names = tuple(names)
+        self.index = {n: i for i, n in enumerate(names)}
+        self.scale = np.array([s.scale for s in specs], dtype=float)
+        self.lower = np.array([s.lower for s in specs], dtype=float)
+        self.upper = np.array([s.upper for s in specs], dtype=float)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def init_raw(self) -> np.ndarray:
+        """Raw initial vector (physical initial values divided by the scales)."""
+        return np.array([s.init for s in self.specs], dtype=float) / self.scale
+
+    def to_physical(self, raw):
+        """Physical values of a raw vector (works on numpy and JAX arrays)."""
+        return raw * self.scale
+
+    def to_raw(self, physical) -> np.ndarray:
+        """Raw vector of physical values given as an array or a name -> value mapping."""
+        if isinstance(physical, Mapping):
+            missing = [n for n in self.names if n not in physical]
+            extra = [n for n in physical if n not in self.index]
+            if missing or extra:
+                raise ValueError(
+                    f"parameter names do not match the table: missing {missing}, unexpected {extra}"
+                )
+            physical = [physical[n] for n in self.names]
+        physical = np.asarray(physical, dtype=float)
+        if physical.shape != (len(self),):
+            raise ValueError(f"expected {len(self)} parameters ({', '.join(self.names)}), got {physical.shape[0] if physical.ndim else 0}")
+        return physical / self.scale
+
+    def project(self, raw):
+        """Clip a raw vector onto the bounds (the projection applied after each step)."""
+        import jax.numpy as jnp
+
+        lo = jnp.asarray(self.lower / self.scale, dtype=raw.dtype)
+        hi = jnp.asarray(self.upper / self.scale, dtype=raw.dtype)
+        return jnp.clip(raw, lo, hi)
+
+    def check_bounds(self, physical, where: str = "") -> None:
+        """Raise a ValueError naming every parameter outside its bounds."""
+        physical = np.asarray(physical, dtype=float)
+        bad = [
+            f"{n}={v:g} not in [{lo:g}, {hi:g}]"
+            for n, v, lo, hi in zip(self.names, physical, self.lower, self.upper, strict=True)
+            if not (lo <= v <= hi) or not np.isfinite(v)
+        ]
+        if bad:
+            raise ValueError(f"parameters out of bounds{' in ' + where if where else ''}: {'; '.join(bad)}")
+
+    def as_dict(self, raw) -> dict[str, float]:
+        """Physical values by name."""
+        return {n: float(v) for n, v in zip(self.names, np.asarray(self.to_physical(np.asarray(raw))), strict=True)}

@@ -1,0 +1,48 @@
+"""Final transforms from the displaced particles' density to the predicted map (eqs 8, 9, 13-15)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ..pm.base import ParticleMesh
+from .layers import EPS
+
+#: floor applied to the stellar map before it is normalised into ``1 + delta_star`` (model.md)
+STAR_FLOOR = 1e-8
+
+
+def dm_transform(one_plus_delta):
+    """Eq 9: ``F = 1 + delta_out`` (no parameters)."""
+    return one_plus_delta
+
+
+def stellar_transform(one_plus_delta, w, mu, b):
+    """Eq 8: ``F = ReLU(w (1 + delta_out)^mu - b)``, stellar mass in 1e10 Msun/h per cell."""
+    return jax.nn.relu(w * (one_plus_delta + EPS) ** mu - b)
+
+
+def star_overdensity(pm: ParticleMesh, stellar_map):
+    """``1 + delta_star``: the stellar map floored at a tiny positive value and divided by its mean."""
+    m = jnp.maximum(stellar_map, STAR_FLOOR)
+    return m / (pm.sum(m) / pm.ncells)
+
+
+def filter_OI(pm: ParticleMesh, kIh, kIl, nuI, xi):
+    """Eq 15: ``O_I(k) = exp(-kIh/k) exp(-k/kIl) k^nuI + xi`` with k = 0 floored (model.md)."""
+    k = pm.knorm()
+    return jnp.exp(-kIh / k - k / kIl) * k**nuI + xi
+
+
+def hi_transform(pm: ParticleMesh, one_plus_delta, star, p: dict):
+    """Eqs 13-15: ``F = ReLU(w ReLU(1 + delta_out + zs)^mu - D - b)``.
+
+    ``D = ReLU(beta1 O_I[1 + delta_star] + eta) + beta2 (1 + delta_star)^gamma3``.
+    ``p`` maps names (``w, mu, b, beta1, beta2, eta, gamma3, kIh, kIl, nuI, xi`` and optionally
+    ``zs``) to physical values.
+    """
+    zs = p.get("zs", 0.0)
+    filtered = pm.apply_fourier(star, filter_OI(pm, p["kIh"], p["kIl"], p["nuI"], p["xi"]))
+    depletion = jax.nn.relu(p["beta1"] * filtered + p["eta"]) + p["beta2"] * (star + EPS) ** p["gamma3"]
+    base = jax.nn.relu(one_plus_delta + zs) + EPS
+    return jax.nn.relu(p["w"] * base ** p["mu"] - depletion - p["b"])

@@ -1,0 +1,165 @@
+"""The seam between the model and the particle-mesh engines.
+
+The model (``jerald_nbk.model``) is written once against :class:`ParticleMesh`. Two engines
+implement it:
+
+* :class:`jerald_nbk.pm.jax_backend.JaxPM`: one process, whole mesh, C++ CIC kernels through XLA
+  FFI on CPU, a pure-JAX scatter/gather path on GPU;
+* :class:`jerald_nbk.pm.pmesh_backend.PmeshPM`: MPI, each rank holds its particles and a slab of
+  the mesh; pmesh does paint/readout/FFTs and their adjoints.
+
+Arrays crossing the seam are JAX arrays. Real meshes are the *local* part of the mesh (the whole
+mesh on the JAX engine), optionally with a trailing channel axis; complex meshes are the local part
+of the rfft layout. :meth:`kvec` and :meth:`mesh_index` describe those local layouts, so elementwise
+Fourier kernels, masks and reductions written against them run on both engines.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+import numpy as np
+
+from . import fourier
+
+
+class ParticleMesh(abc.ABC):
+    """Particle-mesh operations with exact adjoints, on a periodic box.
+
+    Parameters
+    ----------
+    Nmesh : int or sequence of 3 ints
+        Mesh cells per axis (non-cubic allowed).
+    BoxSize : float or sequence of 3 floats
+        Box size per axis in Mpc/h.
+    dtype : {"f4", "f8"}
+        Real dtype of meshes and positions (float32 by default; float64 needs ``jax_enable_x64``).
+    """
+
+    #: name of the engine, recorded with results ("jax" or "pmesh")
+    name: str = "?"
+
+    def __init__(self, Nmesh, BoxSize, dtype="f4"):
+        nmesh = np.broadcast_to(np.asarray(Nmesh, dtype=int), (3,))
+        box = np.broadcast_to(np.asarray(BoxSize, dtype=float), (3,))
+        if np.any(nmesh < 1):
+            raise ValueError(f"Nmesh must be positive, got {tuple(nmesh)}")
+        if np.any(box <= 0):
+            raise ValueError(f"BoxSize must be positive, got {tuple(box)}")
+        self.Nmesh = tuple(int(n) for n in nmesh)
+        self.BoxSize = np.array(box, dtype=float)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        if self.dtype == np.float64:
+            import jax
+
+            if not jax.config.read("jax_enable_x64"):
+                raise ValueError(
+                    "float64 meshes need jax_enable_x64: call "
+                    "jax.config.update('jax_enable_x64', True) before creating arrays"
+                )
+
+    # -- geometry -----------------------------------------------------------------------------
+    @property
+    def ncells(self) -> int:
+        """Total number of cells of the (global) mesh."""
+        return int(np.prod(self.Nmesh))
+
+    @property
+    def cellsize(self) -> np.ndarray:
+        """Cell size per axis, Mpc/h."""
+        return self.BoxSize / np.array(self.Nmesh)
+
+    @property
+    def comm(self):
+        """MPI communicator (``None`` for single-process engines)."""
+        return None
+
+    @abc.abstractmethod
+    def kvec(self) -> tuple:
+        """k-vector components (h/Mpc) broadcastable to the local complex mesh."""
+
+    def knorm(self):
+        """|k| of the local complex mesh, k = 0 replaced by :data:`fourier.K_FLOOR`."""
+        import jax.numpy as jnp
+
+        return fourier.knorm(self.kvec(), xp=jnp)
+
+    def gradient_kernels(self, order=6) -> tuple:
+        """The three Fourier gradient factors ``1j D(k_i)`` (see :func:`fourier.gradient_kernel`)."""
+        import jax.numpy as jnp
+
+        return tuple(
+            fourier.gradient_kernel(k, float(h), order=order, xp=jnp)
+            for k, h in zip(self.kvec(), self.cellsize, strict=True)
+        )
+
+    @abc.abstractmethod
+    def mesh_index(self) -> tuple:
+        """Global integer cell indices (i, j, l) broadcastable to the local real mesh."""
+
+    # -- operations ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def paint(self, pos, mass=None):
+        """CIC-paint particles: ``mesh[c] = sum_p mass_p W(x_p - c)``.
+
+        ``mass`` may be None (unit masses), shape (N,), or (N, C) for a C-channel mesh. The total of
+        the mesh equals the total mass. Differentiable in ``pos`` and ``mass``.
+        """
+
+    @abc.abstractmethod
+    def readout(self, mesh, pos):
+        """CIC-interpolate ``mesh`` (local real, optional trailing channels) at ``pos``.
+
+        Returns (N,) or (N, C). The exact adjoint of :meth:`paint`; differentiable in both inputs.
+        """
+
+    @abc.abstractmethod
+    def readout_gradient(self, mesh, pos):
+        """d/dx of the CIC-interpolated value of a one-channel mesh at ``pos``: (N, 3), 1/(Mpc/h).
+
+        Piecewise constant in ``pos`` (jumps at cell faces). Not differentiable.
+        """
+
+    @abc.abstractmethod
+    def r2c(self, mesh):
+        """Forward FFT of a real mesh, divided by the number of cells (k = 0 holds the mean)."""
+
+    @abc.abstractmethod
+    def c2r(self, cmesh):
+        """Inverse FFT (not divided), so ``c2r(r2c(f)) == f``."""
+
+    def sum(self, x):
+        """Global sum of a (local) array over all ranks; differentiable."""
+        import jax.numpy as jnp
+
+        return jnp.sum(x)
+
+    def count(self, pos) -> int:
+        """Global number of particles."""
+        return int(pos.shape[0])
+
+    def jit(self, fn: Callable) -> Callable:
+        """Compile ``fn`` if the engine allows it (the MPI engine runs eagerly, in program order)."""
+        import jax
+
+        return jax.jit(fn)
+
+    def density(self, pos):
+        """``1 + delta`` of unit-mass particles: CIC paint times ``ncells / N_total``."""
+        return self.paint(pos) * (self.ncells / self.count(pos))
+
+    def apply_fourier(self, mesh, kernel):
+        """``c2r(kernel * r2c(mesh))`` for a kernel broadcastable to the local complex mesh."""
+        return self.c2r(self.r2c(mesh) * kernel)
+
+    def describe(self) -> dict:
+        """Configuration of this engine, for provenance records."""
+        return {
+            "backend": self.name,
+            "Nmesh": list(self.Nmesh),
+            "BoxSize": self.BoxSize.tolist(),
+            "dtype": self.dtype.name,
+        }

@@ -1,0 +1,122 @@
+"""Fourier conventions of jerald_nbk: the one FFT normalisation, k-grids, gradient kernels, filters.
+
+Every module that transforms a mesh imports its conventions from here.
+
+Normalisation (the pmesh convention, paper and reference codes alike):
+
+* ``r2c``: forward real-to-complex transform **divided by the number of cells**, so the k = 0 mode
+  holds the mean of the field;
+* ``c2r``: inverse transform **not** divided, so ``c2r(r2c(f)) == f``.
+
+k-vectors are angular wavenumbers in h/Mpc: ``k_i = 2 pi n_i / BoxSize_i`` with ``n_i`` the signed
+FFT frequency index. The complex (rfft) layout keeps the last axis' non-negative half.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+#: value that replaces |k| = 0 before negative powers, kh/k and similar (model.md: "k=0 replaced by a
+#: tiny positive number"). Small enough that exp(-kh/k) underflows to exactly 0 at k = 0.
+K_FLOOR = 1e-8
+
+#: orders of the Fourier-space gradient: 4th and 6th order finite differences, and the exact ik.
+GRADIENT_ORDERS = (4, 6, "exact")
+
+
+def r2c_scale(ncells: int) -> float:
+    """Factor applied to an unnormalised forward FFT to follow the convention (``1 / ncells``)."""
+    return 1.0 / ncells
+
+
+def c2r_scale(ncells: int) -> float:
+    """Factor applied to an inverse FFT that divides by N (numpy/JAX ``irfftn``): ``ncells``."""
+    return float(ncells)
+
+
+def fftfreq_k(n: int, boxsize: float) -> np.ndarray:
+    """Angular wavenumbers (h/Mpc) of a full FFT axis of ``n`` cells in a box of ``boxsize`` Mpc/h."""
+    return 2 * np.pi * np.fft.fftfreq(n, d=boxsize / n)
+
+
+def rfftfreq_k(n: int, boxsize: float) -> np.ndarray:
+    """Angular wavenumbers (h/Mpc) of the halved last axis of an rfft."""
+    return 2 * np.pi * np.fft.rfftfreq(n, d=boxsize / n)
+
+
+def kvectors(nmesh: Sequence[int], boxsize: Sequence[float], dtype=np.float64):
+    """The three k-vector components of the rfft layout, each broadcastable to (Nx, Ny, Nz//2+1).
+
+    Parameters
+    ----------
+    nmesh, boxsize : sequences of 3
+        Mesh cells and box size (Mpc/h) per axis.
+    dtype : numpy dtype
+        Real dtype of the returned arrays.
+
+    Returns
+    -------
+    tuple of 3 numpy arrays with shapes (Nx,1,1), (1,Ny,1), (1,1,Nz//2+1), in h/Mpc.
+    """
+    nx, ny, nz = (int(n) for n in nmesh)
+    lx, ly, lz = (float(b) for b in boxsize)
+    return (
+        fftfreq_k(nx, lx).astype(dtype).reshape(-1, 1, 1),
+        fftfreq_k(ny, ly).astype(dtype).reshape(1, -1, 1),
+        rfftfreq_k(nz, lz).astype(dtype).reshape(1, 1, -1),
+    )
+
+
+def knorm(kvec, xp=np, floor: float = K_FLOOR):
+    """|k| with the k = 0 mode replaced by ``floor`` (so k**nu and kh/k stay finite)."""
+    k2 = kvec[0] ** 2 + kvec[1] ** 2 + kvec[2] ** 2
+    k = xp.sqrt(k2)
+    return xp.where(k2 > 0, k, floor)
+
+
+def gradient_kernel(k_i, cell: float, order=6, nyquist_k: float | None = None, xp=np):
+    """Fourier-space derivative along one axis: a purely imaginary factor ``1j * D(k_i)``.
+
+    Parameters
+    ----------
+    k_i : array
+        Wavenumbers (h/Mpc) along the axis.
+    cell : float
+        Cell size ``H = BoxSize / Nmesh`` of that axis (Mpc/h).
+    order : {4, 6, "exact"}
+        4: ``(8 sin w - sin 2w) / (6H)`` (LDL); 6: ``(45 sin w - 9 sin 2w + sin 3w) / (30H)``
+        (JERALD); "exact": ``k_i`` with the Nyquist mode set to zero (its derivative is not real).
+        ``w = k_i H``. All three tend to ``k_i`` as ``w -> 0``.
+    nyquist_k : float, optional
+        Nyquist wavenumber ``pi / H`` of the axis, for ``order="exact"`` (computed when omitted).
+
+    Returns
+    -------
+    array of the complex dtype matching ``k_i``: ``1j * D(k_i)``.
+    """
+    w = k_i * cell
+    if order == 4:
+        d = (8 * xp.sin(w) - xp.sin(2 * w)) / (6 * cell)
+    elif order == 6:
+        d = (45 * xp.sin(w) - 9 * xp.sin(2 * w) + xp.sin(3 * w)) / (30 * cell)
+    elif order == "exact":
+        nyq = np.pi / cell if nyquist_k is None else nyquist_k
+        d = xp.where(xp.abs(xp.abs(k_i) - nyq) < 1e-6 * nyq, 0.0 * k_i, k_i)
+    else:
+        raise ValueError(f"gradient order must be one of {GRADIENT_ORDERS}, got {order!r}")
+    return 1j * d
+
+
+def gaussian_filter(k, radius: float, xp=np):
+    """Gaussian smoothing ``exp(-k^2 R^2 / 2)`` with radius ``R`` in Mpc/h."""
+    return xp.exp(-0.5 * (k * radius) ** 2)
+
+
+def cic_window(kvec, cells: Sequence[float], xp=np):
+    """Fourier window of CIC assignment, ``prod_i sinc(k_i H_i / 2)^2`` (divide by it to compensate)."""
+    out = 1.0
+    for k_i, h in zip(kvec, cells, strict=True):
+        out = out * xp.sinc(k_i * h / (2 * np.pi)) ** 2
+    return out

@@ -1,0 +1,302 @@
+"""Single-process particle mesh in JAX: C++ CIC kernels via XLA FFI on CPU, pure JAX elsewhere.
+
+The CIC operations carry hand-written VJPs (what is gathered from what is written next to each);
+FFTs use ``jnp.fft`` whose own transposes are exact, wrapped in the normalisation of
+:mod:`jerald_nbk.pm.fourier`.
+
+Two kernels implement CIC:
+
+* ``"cpp"``: ``src_cpp/cic.cpp`` through ``jax.ffi.ffi_call`` (CPU only); OpenMP threads,
+  deterministic whatever the thread count.
+* ``"jax"``: scatter-add / gather in pure JAX, over chunks of particles under ``lax.scan`` so that
+  the (chunk, 8) index and weight arrays bound the memory. Runs on any device; the parity reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import fourier
+from .base import ParticleMesh
+
+try:  # the extension is optional at import time so that GPU-only installs still work
+    from .. import _cic
+except ImportError:  # pragma: no cover - exercised only without the built extension
+    _cic = None
+
+_REGISTERED = False
+
+
+def _register_ffi() -> bool:
+    global _REGISTERED
+    if _cic is None:
+        return False
+    if not _REGISTERED:
+        for name, capsule in _cic.registrations().items():
+            jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+        _REGISTERED = True
+    return True
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by the C++ CIC kernels (0: OpenMP's default, i.e. ``OMP_NUM_THREADS``)."""
+    if _cic is None:
+        raise RuntimeError("the C++ extension jerald_nbk._cic is not built")
+    _cic.set_num_threads(int(n))
+
+
+def num_threads() -> int:
+    """Threads used by the C++ CIC kernels (1 when the extension is missing)."""
+    return 1 if _cic is None else int(_cic.max_threads())
+
+
+@dataclasses.dataclass(frozen=True)
+class CICConfig:
+    """Static configuration of the CIC operations (hashable: a nondiff argument of custom_vjp)."""
+
+    shape: tuple[int, int, int]
+    scale: tuple[float, float, float]  # Nmesh / BoxSize per axis
+    kernel: str  # "cpp" or "jax"
+    chunk: int = 1 << 18
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel implementations: (N,3) positions, (N,C) weights, (Nx,Ny,Nz,C) meshes.
+
+
+def _ffi_attrs(cfg: CICConfig) -> dict:
+    return {k: np.float64(s) for k, s in zip(("sx", "sy", "sz"), cfg.scale, strict=True)}
+
+
+def _corners(pos, cfg: CICConfig):
+    """Flat cell indices (n, 8) and per-axis weights/derivative signs of the 8 CIC corners."""
+    scale = jnp.asarray(cfg.scale, dtype=pos.dtype)
+    u = pos * scale
+    fl = jnp.floor(u)
+    f = u - fl
+    n = jnp.asarray(cfg.shape, dtype=jnp.int32)
+    i0 = jnp.mod(fl.astype(jnp.int32), n)
+    off = jnp.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], dtype=jnp.int32)
+    idx = jnp.mod(i0[:, None, :] + off[None], n)  # (n, 8, 3)
+    flat = (idx[..., 0] * cfg.shape[1] + idx[..., 1]) * cfg.shape[2] + idx[..., 2]
+    w1 = jnp.where(off[None] == 1, f[:, None, :], 1 - f[:, None, :])  # (n, 8, 3)
+    return flat, w1, off
+
+
+def _chunked(arrays, chunk):
+    """Pad the particle axis to a multiple of ``chunk`` (with zeros) and split it into chunks."""
+    n = arrays[0].shape[0]
+    nchunk = max(1, -(-n // chunk))
+    size = min(chunk, n) if nchunk == 1 else chunk
+    pad = nchunk * size - n
+    out = [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
+    return [a.reshape((nchunk, size) + a.shape[1:]) for a in out], n
+
+
+def _paint_impl(pos, w, cfg: CICConfig):
+    nch = w.shape[1]
+    if cfg.kernel == "cpp":
+        out = jax.ShapeDtypeStruct(cfg.shape + (nch,), pos.dtype)
+        return jax.ffi.ffi_call("jerald_cic_paint", out)(pos, w, **_ffi_attrs(cfg))
+    (pc, wc), _ = _chunked([pos, w], cfg.chunk)  # padded particles carry zero weight
+
+    def body(mesh, xs):
+        p, ww = xs
+        flat, w1, _ = _corners(p, cfg)
+        k = jnp.prod(w1, axis=-1)  # (n, 8)
+        vals = k[..., None] * ww[:, None, :]
+        return mesh.at[flat.reshape(-1)].add(vals.reshape(-1, nch)), None
+
+    mesh0 = jnp.zeros((int(np.prod(cfg.shape)), nch), pos.dtype)
+    mesh, _ = jax.lax.scan(body, mesh0, (pc, wc))
+    return mesh.reshape(cfg.shape + (nch,))
+
+
+def _readout_impl(mesh, pos, cfg: CICConfig):
+    nch = mesh.shape[-1]
+    if cfg.kernel == "cpp":
+        out = jax.ShapeDtypeStruct((pos.shape[0], nch), pos.dtype)
+        return jax.ffi.ffi_call("jerald_cic_readout", out)(mesh, pos, **_ffi_attrs(cfg))
+    (pc,), n = _chunked([pos], cfg.chunk)
+    flat_mesh = mesh.reshape(-1, nch)
+
+    def body(_, p):
+        flat, w1, _ = _corners(p, cfg)
+        k = jnp.prod(w1, axis=-1)
+        return None, jnp.einsum("nk,nkc->nc", k, flat_mesh[flat])
+
+    _, vals = jax.lax.scan(body, None, pc)
+    return vals.reshape(-1, nch)[:n]
+
+
+def _readout_vjp_pos_impl(mesh, pos, g, cfg: CICConfig):
+    """``out[p, d] = sum_c g[p, c] d/dx_d readout(mesh[..., c])(x_p)``."""
+    if cfg.kernel == "cpp":
+        out = jax.ShapeDtypeStruct((pos.shape[0], 3), pos.dtype)
+        return jax.ffi.ffi_call("jerald_cic_readout_vjp_pos", out)(mesh, pos, g, **_ffi_attrs(cfg))
+    nch = mesh.shape[-1]
+    (pc, gc), n = _chunked([pos, g], cfg.chunk)
+    flat_mesh = mesh.reshape(-1, nch)
+    scale = jnp.asarray(cfg.scale, dtype=pos.dtype)
+
+    def body(_, xs):
+        p, gg = xs
+        flat, w1, off = _corners(p, cfg)
+        v = jnp.einsum("nkc,nc->nk", flat_mesh[flat], gg)  # (n, 8)
+        sign = jnp.where(off == 1, 1.0, -1.0).astype(p.dtype)  # (8, 3)
+        grads = []
+        for d in range(3):
+            others = [w1[..., e] for e in range(3) if e != d]
+            grads.append(jnp.sum(v * sign[None, :, d] * others[0] * others[1], axis=1))
+        return None, jnp.stack(grads, axis=-1) * scale
+
+    _, out = jax.lax.scan(body, None, (pc, gc))
+    return out.reshape(-1, 3)[:n]
+
+
+# ---------------------------------------------------------------------------------------------
+# Differentiable operations.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def cic_paint(pos, w, cfg: CICConfig):
+    """Paint (N, C) weights at (N, 3) positions onto an (Nx, Ny, Nz, C) mesh."""
+    return _paint_impl(pos, w, cfg)
+
+
+def _cic_paint_fwd(pos, w, cfg):
+    return _paint_impl(pos, w, cfg), (pos, w)
+
+
+def _cic_paint_bwd(cfg, res, ct):
+    # Weights: the cotangent mesh read out at the particles (paint is linear in w).
+    # Positions: w_p times the gradient of the cotangent mesh interpolated at x_p.
+    pos, w = res
+    ct = ct.astype(pos.dtype)
+    return _readout_vjp_pos_impl(ct, pos, w, cfg), _readout_impl(ct, pos, cfg)
+
+
+cic_paint.defvjp(_cic_paint_fwd, _cic_paint_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def cic_readout(mesh, pos, cfg: CICConfig):
+    """Interpolate an (Nx, Ny, Nz, C) mesh at (N, 3) positions: (N, C)."""
+    return _readout_impl(mesh, pos, cfg)
+
+
+def _cic_readout_fwd(mesh, pos, cfg):
+    return _readout_impl(mesh, pos, cfg), (mesh, pos)
+
+
+def _cic_readout_bwd(cfg, res, ct):
+    # Mesh: the cotangents painted back at the particles (paint is readout's adjoint).
+    # Positions: the cotangent-weighted gradient of the interpolated mesh.
+    mesh, pos = res
+    ct = ct.astype(pos.dtype)
+    return _paint_impl(pos, ct, cfg), _readout_vjp_pos_impl(mesh, pos, ct, cfg)
+
+
+cic_readout.defvjp(_cic_readout_fwd, _cic_readout_bwd)
+
+
+class JaxPM(ParticleMesh):
+    """Single-process particle mesh on JAX (CPU or GPU).
+
+    Parameters
+    ----------
+    Nmesh, BoxSize, dtype
+        See :class:`~jerald_nbk.pm.base.ParticleMesh`.
+    kernel : {"auto", "cpp", "jax"}
+        CIC implementation: the C++ FFI kernels (CPU only), pure JAX scatter/gather, or the C++
+        kernels when the default device is a CPU and the extension is built.
+    chunk : int
+        Particles per chunk of the pure-JAX kernel (bounds its temporary memory).
+
+    Examples
+    --------
+    >>> pm = JaxPM(32, 100.0)
+    >>> pos = jax.random.uniform(jax.random.key(0), (1000, 3)) * 100.0
+    >>> delta = pm.density(pos)          # 1 + delta, mean 1
+    >>> dk = pm.r2c(delta)               # k = 0 mode == mean == 1
+    """
+
+    name = "jax"
+
+    def __init__(self, Nmesh, BoxSize, dtype="f4", kernel="auto", chunk=1 << 18):
+        super().__init__(Nmesh, BoxSize, dtype)
+        if kernel == "auto":
+            kernel = "cpp" if jax.default_backend() == "cpu" and _register_ffi() else "jax"
+        elif kernel == "cpp":
+            if not _register_ffi():
+                raise RuntimeError("kernel='cpp' needs the C++ extension jerald_nbk._cic (make install)")
+            if jax.default_backend() != "cpu":
+                raise RuntimeError(
+                    f"kernel='cpp' runs on the CPU only; the default JAX device is "
+                    f"{jax.default_backend()!r}: use kernel='jax'"
+                )
+        elif kernel != "jax":
+            raise ValueError(f"kernel must be 'auto', 'cpp' or 'jax', got {kernel!r}")
+        self.kernel = kernel
+        scale = tuple(float(n / b) for n, b in zip(self.Nmesh, self.BoxSize, strict=True))
+        self._cfg = CICConfig(self.Nmesh, scale, kernel, int(chunk))
+        self._kvec = tuple(jnp.asarray(k) for k in fourier.kvectors(self.Nmesh, self.BoxSize, self.dtype))
+
+    def kvec(self):
+        return self._kvec
+
+    def mesh_index(self):
+        nx, ny, nz = self.Nmesh
+        return (
+            jnp.arange(nx).reshape(-1, 1, 1),
+            jnp.arange(ny).reshape(1, -1, 1),
+            jnp.arange(nz).reshape(1, 1, -1),
+        )
+
+    def _as_pos(self, pos):
+        pos = jnp.asarray(pos)
+        if pos.ndim != 2 or pos.shape[1] != 3:
+            raise ValueError(f"positions must have shape (N, 3), got {pos.shape}")
+        return pos.astype(self.dtype)
+
+    def paint(self, pos, mass=None):
+        pos = self._as_pos(pos)
+        if mass is None:
+            w = jnp.ones((pos.shape[0], 1), self.dtype)
+        else:
+            mass = jnp.asarray(mass).astype(self.dtype)
+            w = mass[:, None] if mass.ndim == 1 else mass
+        if w.shape[0] != pos.shape[0]:
+            raise ValueError(f"mass has {w.shape[0]} entries for {pos.shape[0]} particles")
+        mesh = cic_paint(pos, w, self._cfg)
+        return mesh[..., 0] if mass is None or jnp.ndim(mass) == 1 else mesh
+
+    def readout(self, mesh, pos):
+        pos = self._as_pos(pos)
+        mesh = jnp.asarray(mesh).astype(self.dtype)
+        single = mesh.ndim == 3
+        if mesh.shape[:3] != self.Nmesh:
+            raise ValueError(f"mesh shape {mesh.shape[:3]} != Nmesh {self.Nmesh}")
+        vals = cic_readout(mesh[..., None] if single else mesh, pos, self._cfg)
+        return vals[:, 0] if single else vals
+
+    def readout_gradient(self, mesh, pos):
+        pos = self._as_pos(pos)
+        mesh = jnp.asarray(mesh).astype(self.dtype)[..., None]
+        ones = jnp.ones((pos.shape[0], 1), self.dtype)
+        return _readout_vjp_pos_impl(mesh, pos, ones, self._cfg)
+
+    def r2c(self, mesh):
+        return jnp.fft.rfftn(mesh, axes=(0, 1, 2)) * fourier.r2c_scale(self.ncells)
+
+    def c2r(self, cmesh):
+        out = jnp.fft.irfftn(cmesh, s=self.Nmesh, axes=(0, 1, 2)) * fourier.c2r_scale(self.ncells)
+        return out.astype(self.dtype)
+
+    def describe(self):
+        return super().describe() | {"kernel": self.kernel, "threads": num_threads()}
