@@ -1,0 +1,235 @@
+"""The single-process particle-mesh core: CIC kernels, FFT conventions, adjoints and gradients.
+
+Tolerances: float64 identities to 1e-10 relative; float64 finite differences (central, step 1e-6
+Mpc/h, far from cell faces) to 1e-6 relative; float32 C++ vs pure-JAX parity to 1e-5 relative
+(different summation order).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jerald_nbk import _cic
+from jerald_nbk.pm import JaxPM, fourier
+from jerald_nbk.pm.jax_backend import set_num_threads
+
+KERNELS = ["cpp", "jax"]
+
+
+def random_particles(n, box, seed=0, dtype=np.float64, spread=1.0):
+    rng = np.random.default_rng(seed)
+    # some particles outside [0, L) on purpose: the kernels must wrap them
+    return (rng.uniform(-0.2, 1.2, (n, 3)) * np.asarray(box) * spread).astype(dtype)
+
+
+def away_from_faces(pos, pm, margin=1e-3):
+    """Mask of particles at least `margin` cells from every cell face (for finite differences)."""
+    u = pos * (np.array(pm.Nmesh) / pm.BoxSize)
+    f = u - np.floor(u)
+    return np.all((f > margin) & (f < 1 - margin), axis=1)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_single_particle_weights(kernel):
+    pm = JaxPM(8, 8.0, dtype="f8", kernel=kernel)  # 1 Mpc/h cells
+    x = np.array([[2.25, 7.5, 0.75]])  # fractions 0.25, 0.5, 0.75; the y pair wraps 7 -> 0
+    mesh = np.asarray(pm.paint(x, np.array([2.0])))
+    expect = np.zeros((8, 8, 8))
+    for i, wx in ((2, 0.75), (3, 0.25)):
+        for j, wy in ((7, 0.5), (0, 0.5)):
+            for k, wz in ((0, 0.25), (1, 0.75)):
+                expect[i, j, k] = 2.0 * wx * wy * wz
+    np.testing.assert_allclose(mesh, expect, rtol=0, atol=1e-14)
+
+
+def test_cpp_extension_numpy_entry_points():
+    # The extension alone, no JAX: a particle at a cell corner puts all its mass in that cell, and
+    # readout of a constant mesh returns the constant.
+    pos = np.array([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]])
+    w = np.array([[3.0], [8.0]])
+    mesh = _cic.paint(pos, w, (4, 4, 4), (1.0, 1.0, 1.0))
+    assert mesh.shape == (4, 4, 4, 1)
+    assert mesh[1, 2, 3, 0] == 3.0
+    np.testing.assert_allclose(mesh[:2, :2, :2, 0], np.ones((2, 2, 2)), rtol=1e-15)
+    vals = _cic.readout(np.full((4, 4, 4, 2), 5.0), pos, (1.0, 1.0, 1.0))
+    np.testing.assert_allclose(vals, 5.0, rtol=1e-15)
+    with pytest.raises(ValueError, match=r"\(N, 3\)"):
+        _cic.paint(np.zeros((3, 2)), np.zeros((3, 1)), (4, 4, 4), (1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("nmesh,box", [(16, 50.0), ((16, 12, 20), (40.0, 30.0, 55.0))])
+def test_mass_conservation_and_wrapping(kernel, nmesh, box):
+    pm = JaxPM(nmesh, box, dtype="f8", kernel=kernel)
+    pos = random_particles(5000, box)
+    m = np.random.default_rng(1).uniform(0.5, 2.0, 5000)
+    mesh = pm.paint(pos, m)
+    assert mesh.shape == pm.Nmesh
+    np.testing.assert_allclose(float(mesh.sum()), m.sum(), rtol=1e-12)
+    # shifting every particle by a whole box changes nothing
+    np.testing.assert_allclose(pm.paint(pos + np.asarray(box), m), mesh, rtol=1e-10, atol=1e-12)
+    assert float(jnp.mean(pm.density(pos))) == pytest.approx(1.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("channels", [None, 3])
+def test_adjoint_identity(kernel, channels):
+    # <paint(x, m), f> = <m, readout(f, x)> for any m, f: readout is paint's exact adjoint.
+    pm = JaxPM((12, 16, 10), (30.0, 40.0, 25.0), dtype="f8", kernel=kernel)
+    rng = np.random.default_rng(2)
+    pos = random_particles(3000, pm.BoxSize)
+    shape = (3000,) if channels is None else (3000, channels)
+    m = rng.normal(size=shape)
+    f = rng.normal(size=pm.Nmesh + (() if channels is None else (channels,)))
+    lhs = float(jnp.vdot(pm.paint(pos, m), f))
+    rhs = float(jnp.vdot(m, pm.readout(f, pos)))
+    assert lhs == pytest.approx(rhs, rel=1e-10)
+
+
+@pytest.mark.parametrize("dtype,rtol", [("f4", 1e-5), ("f8", 1e-12)])
+def test_cpp_matches_pure_jax(dtype, rtol):
+    cpp = JaxPM((16, 12, 20), (40.0, 30.0, 55.0), dtype=dtype, kernel="cpp")
+    ref = JaxPM((16, 12, 20), (40.0, 30.0, 55.0), dtype=dtype, kernel="jax", chunk=777)
+    pos = random_particles(20000, cpp.BoxSize, dtype=np.dtype(dtype))
+    rng = np.random.default_rng(3)
+    m = rng.uniform(0, 1, (20000, 2)).astype(dtype)
+    a, b = cpp.paint(pos, m), ref.paint(pos, m)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(jnp.abs(b).max()))
+    f = rng.normal(size=cpp.Nmesh + (2,)).astype(dtype)
+    np.testing.assert_allclose(cpp.readout(f, pos), ref.readout(f, pos), rtol=rtol, atol=rtol * 5)
+    g = rng.normal(size=cpp.Nmesh).astype(dtype)
+    np.testing.assert_allclose(
+        cpp.readout_gradient(g, pos), ref.readout_gradient(g, pos), rtol=rtol, atol=rtol * 50
+    )
+
+
+def test_paint_independent_of_thread_count():
+    pm = JaxPM(32, 100.0, kernel="cpp")
+    pos = random_particles(100000, 100.0, dtype=np.float32)
+    try:
+        set_num_threads(1)
+        one = np.asarray(pm.paint(pos))
+        set_num_threads(2)
+        two = np.asarray(pm.paint(pos))
+    finally:
+        set_num_threads(0)
+    assert np.array_equal(one, two)  # bitwise: same summation order per cell
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_readout_gradient_matches_finite_differences(kernel):
+    pm = JaxPM((16, 12, 20), (40.0, 30.0, 55.0), dtype="f8", kernel=kernel)
+    rng = np.random.default_rng(4)
+    f = rng.normal(size=pm.Nmesh)
+    pos = random_particles(400, pm.BoxSize)
+    pos = pos[away_from_faces(pos, pm, 1e-3)]
+    grad = np.asarray(pm.readout_gradient(f, pos))
+    h = 1e-6
+    for d in range(3):
+        e = np.zeros(3)
+        e[d] = h
+        fd = (np.asarray(pm.readout(f, pos + e)) - np.asarray(pm.readout(f, pos - e))) / (2 * h)
+        np.testing.assert_allclose(grad[:, d], fd, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_vjps_match_finite_differences(kernel):
+    # A scalar through every differentiable input of paint, readout, r2c and c2r:
+    # L = sum(readout(c2r(K r2c(paint(x, m))), x)^2) + <readout(g, x), m>.
+    pm = JaxPM((12, 10, 14), (30.0, 25.0, 35.0), dtype="f8", kernel=kernel)
+    rng = np.random.default_rng(5)
+    pos = random_particles(300, pm.BoxSize)
+    pos = pos[away_from_faces(pos, pm, 2e-3)]
+    m = rng.uniform(0.5, 1.5, len(pos))
+    g = jnp.asarray(rng.normal(size=pm.Nmesh))
+    kern = jnp.exp(-pm.knorm() ** 2) * pm.gradient_kernels(6)[0]
+
+    def loss(x, mass, mesh):
+        phi = pm.c2r(kern * pm.r2c(pm.paint(x, mass)))
+        return jnp.sum(pm.readout(phi, x) ** 2) + jnp.vdot(pm.readout(mesh, x), mass)
+
+    gx, gm, gg = jax.grad(loss, argnums=(0, 1, 2))(pos, m, g)
+    h = 1e-6
+    rng2 = np.random.default_rng(6)
+    for _ in range(6):  # random directions in each input
+        dx = rng2.normal(size=pos.shape)
+        fd = (loss(pos + h * dx, m, g) - loss(pos - h * dx, m, g)) / (2 * h)
+        assert float(jnp.vdot(gx, dx)) == pytest.approx(float(fd), rel=1e-5, abs=1e-9)
+        dm = rng2.normal(size=m.shape)
+        fd = (loss(pos, m + h * dm, g) - loss(pos, m - h * dm, g)) / (2 * h)
+        assert float(jnp.vdot(gm, dm)) == pytest.approx(float(fd), rel=1e-6)
+        dg = rng2.normal(size=g.shape)
+        fd = (loss(pos, m, g + h * dg) - loss(pos, m, g - h * dg)) / (2 * h)
+        assert float(jnp.vdot(gg, dg)) == pytest.approx(float(fd), rel=1e-6)
+
+
+def test_fft_normalisation_and_round_trip():
+    pm = JaxPM((16, 12, 20), (40.0, 30.0, 55.0), dtype="f8")
+    f = jnp.asarray(np.random.default_rng(7).normal(size=pm.Nmesh)) + 3.0
+    fk = pm.r2c(f)
+    assert fk.shape == (16, 12, 11)
+    assert complex(fk[0, 0, 0]) == pytest.approx(float(f.mean()), rel=1e-12)  # k=0 holds the mean
+    np.testing.assert_allclose(pm.c2r(fk), f, rtol=1e-12)
+    assert fourier.r2c_scale(pm.ncells) * fourier.c2r_scale(pm.ncells) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("order,tol", [(4, 5e-3), (6, 5e-4), ("exact", 1e-12)])
+def test_plane_wave_gradient(order, tol):
+    # f = sin(k x) with k = 2 pi m / L: r2c puts -i/2 at +m; the gradient is k cos(k x) up to the
+    # finite-difference error of order (k H)^order.
+    pm = JaxPM((32, 8, 8), (64.0, 16.0, 16.0), dtype="f8")
+    m = 2
+    kx = 2 * np.pi * m / 64.0
+    x = (np.arange(32) * 2.0).reshape(-1, 1, 1)
+    f = jnp.asarray(np.broadcast_to(np.sin(kx * x), pm.Nmesh))
+    fk = pm.r2c(f)
+    assert complex(fk[m, 0, 0]) == pytest.approx(-0.5j, abs=1e-12)
+    assert float(jnp.abs(fk).sum()) == pytest.approx(1.0, rel=1e-10)  # +m and -m only
+    dfdx = pm.c2r(fk * pm.gradient_kernels(order)[0])
+    expect = np.broadcast_to(kx * np.cos(kx * x), pm.Nmesh)
+    np.testing.assert_allclose(dfdx, expect, atol=tol * kx)
+
+
+def test_gradient_kernels_tend_to_ik():
+    k = np.linspace(1e-4, 0.05, 20)
+    for order in (4, 6, "exact"):
+        d = fourier.gradient_kernel(k, 1.0, order=order)
+        np.testing.assert_allclose(d.imag, k, rtol=1e-4)
+        assert np.all(d.real == 0)
+
+
+def test_readout_interpolates_linearly():
+    # Readout of a field linear in x (within one period) between two cell centres is linear.
+    pm = JaxPM((8, 4, 4), (8.0, 4.0, 4.0), dtype="f8")
+    f = np.broadcast_to(np.arange(8.0).reshape(-1, 1, 1), pm.Nmesh)
+    x = np.array([[2.0, 1.0, 1.0], [2.3, 1.5, 2.5], [5.75, 0.2, 3.9]])
+    np.testing.assert_allclose(pm.readout(f, x), [2.0, 2.3, 5.75], rtol=1e-14)
+
+
+def test_paint_and_readout_inside_jit():
+    pm = JaxPM(16, 20.0, dtype="f4")
+    pos = jnp.asarray(random_particles(1000, 20.0, dtype=np.float32))
+
+    @jax.jit
+    def f(x):
+        return jnp.sum(pm.readout(pm.density(x), x))
+
+    val = f(pos)
+    assert val.dtype == jnp.float32
+    assert float(val) == pytest.approx(float(jnp.sum(pm.readout(pm.density(pos), pos))), rel=1e-6)
+    assert np.all(np.isfinite(np.asarray(jax.jit(jax.grad(f))(pos))))
+
+
+def test_bad_inputs():
+    pm = JaxPM(8, 10.0)
+    with pytest.raises(ValueError, match=r"shape \(N, 3\)"):
+        pm.paint(np.zeros((5, 2)))
+    with pytest.raises(ValueError, match="3 entries for 5 particles"):
+        pm.paint(np.zeros((5, 3)), np.ones(3))
+    with pytest.raises(ValueError, match="Nmesh"):
+        pm.readout(np.zeros((4, 4, 4)), np.zeros((5, 3)))
+    with pytest.raises(ValueError, match="BoxSize must be positive"):
+        JaxPM(8, -1.0)
+    with pytest.raises(ValueError, match="kernel"):
+        JaxPM(8, 1.0, kernel="gpu")
