@@ -24,6 +24,7 @@ from ..model.pipeline import Stage
 from ..utils import atomic_write, is_root
 from .loss import masked_losses, smoothing_filter, split_masks
 from .schedule import paper_schedule
+from .validate import check_particles, check_target
 
 
 @dataclasses.dataclass
@@ -88,6 +89,12 @@ class Objective:
 
     def __init__(self, stage: Stage, pos, target, config: TrainConfig, star=None):
         pm = stage.pm
+        check_particles(pos, pm, "input particles")
+        check_target(target, pm, stage.config.target, f"{stage.config.target} target")
+        if stage.config.target == "hi":
+            if star is None:
+                raise ValueError("the HI stage needs the frozen stellar map (star=...)")
+            check_target(star, pm, "stellar", "stellar map for the HI stage")
         self.stage, self.pm = stage, pm
         self.pos, self.target, self.star = pos, target, star
         self.p = config.p_for(stage.config.target)
