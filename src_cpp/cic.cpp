@@ -9,10 +9,9 @@
 //     readout: out[p, ch]   = sum_c mesh[c, ch] W(u_p - c)  (the exact adjoint of paint)
 //     readout_vjp_pos: out[p, d] = sum_ch g[p, ch] d/dx_d readout(p, ch)   (piecewise constant)
 //
-// Threads: readouts are parallel over particles. Paint is parallel over groups of two x-planes:
-// particles are stably bucketed by their x cell, and even groups, then odd groups, are painted
-// concurrently, so no two threads touch the same plane. Within a group one thread adds in
-// particle order, so the result is bitwise independent of the number of threads.
+// Threads: readouts are parallel over particles. Paint is parallel over x planes: each thread owns
+// a range of planes and adds, in particle order, the contributions that fall in them, so no two
+// threads write the same cell and the result is bitwise independent of the number of threads.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -52,137 +51,185 @@ struct Grid {
 };
 
 // Lower cell index (wrapped into [0, n)) and the fractional offset in [0, 1).
-template <typename T>
-inline void cell_of(const T* x, const Grid& g, int64_t i0[3], double f[3]) {
-  for (int d = 0; d < 3; ++d) {
-    const double u = static_cast<double>(x[d]) * g.scale[d];
-    const double fl = std::floor(u);
-    f[d] = u - fl;
-    int64_t i = static_cast<int64_t>(fl) % g.n[d];
-    i0[d] = i < 0 ? i + g.n[d] : i;
+// floor by truncation: std::floor is a libm call on baseline x86-64 (no SSE4.1 roundsd), and the
+// integer modulo is only needed for the rare particle outside [0, BoxSize).
+inline void wrap_cell(double u, int64_t n, int64_t& i, double& f) {
+  int64_t fl = static_cast<int64_t>(u);
+  if (u < static_cast<double>(fl)) --fl;
+  f = u - static_cast<double>(fl);
+  if (fl >= 0 && fl < n) {
+    i = fl;
+  } else {
+    i = fl % n;
+    if (i < 0) i += n;
   }
 }
 
 template <typename T>
-inline void paint_one(T* mesh, const T* x, const T* w, const Grid& g) {
-  int64_t i0[3];
-  double f[3];
-  cell_of(x, g, i0, f);
-  const int64_t ix[2] = {i0[0], (i0[0] + 1) % g.n[0]};
-  const int64_t iy[2] = {i0[1], (i0[1] + 1) % g.n[1]};
-  const int64_t iz[2] = {i0[2], (i0[2] + 1) % g.n[2]};
-  const double wx[2] = {1.0 - f[0], f[0]}, wy[2] = {1.0 - f[1], f[1]}, wz[2] = {1.0 - f[2], f[2]};
-  for (int a = 0; a < 2; ++a)
-    for (int b = 0; b < 2; ++b)
-      for (int c = 0; c < 2; ++c) {
-        const T k = static_cast<T>(wx[a] * wy[b] * wz[c]);
-        T* cell = mesh + ((ix[a] * g.n[1] + iy[b]) * g.n[2] + iz[c]) * g.nch;
-        for (int64_t ch = 0; ch < g.nch; ++ch) cell[ch] += k * w[ch];
+inline void cell_of(const T* x, const Grid& g, int64_t i0[3], int64_t i1[3], double f[3]) {
+  for (int d = 0; d < 3; ++d) {
+    wrap_cell(static_cast<double>(x[d]) * g.scale[d], g.n[d], i0[d], f[d]);
+    i1[d] = (i0[d] + 1 == g.n[d]) ? 0 : i0[d] + 1;
+  }
+}
+
+// Channel count as a template parameter for the common cases (1: densities, 3: vectors), so the
+// inner loops unroll; NCH = 0 means "read it from the grid".
+template <int NCH>
+inline int64_t channels(const Grid& g) {
+  return NCH > 0 ? NCH : g.nch;
+}
+
+// Paint: threads own disjoint ranges of x planes and each scans all particles, adding only the
+// contributions that land in its planes. Every cell then receives its contributions in particle
+// order, exactly as in a serial loop, so the result is bitwise independent of the thread count,
+// with no sort and no extra memory.
+template <typename T, int NCH>
+void paint_impl(T* mesh, const T* pos, const T* w, int64_t npart, const Grid& g) {
+  const int64_t nch = channels<NCH>(g);
+  const int64_t ncell = g.n[0] * g.n[1] * g.n[2] * nch;
+  std::fill(mesh, mesh + ncell, T(0));
+  const int64_t nx = g.n[0];
+  int nthr = num_threads();
+  if (npart < 4096) nthr = 1;
+  if (nthr > nx) nthr = static_cast<int>(nx);
+#pragma omp parallel num_threads(nthr)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    const int tid = 0, nt = 1;
+#endif
+    const int64_t lo = nx * tid / nt, hi = nx * (tid + 1) / nt;
+    const int64_t plane = g.n[1] * g.n[2] * nch;
+    for (int64_t p = 0; p < npart; ++p) {
+      const T* x = pos + 3 * p;
+      int64_t ix0;
+      double fx;
+      wrap_cell(static_cast<double>(x[0]) * g.scale[0], nx, ix0, fx);
+      const int64_t ix1 = (ix0 + 1 == nx) ? 0 : ix0 + 1;
+      const bool own0 = ix0 >= lo && ix0 < hi, own1 = ix1 >= lo && ix1 < hi;
+      if (!own0 && !own1) continue;
+      int64_t iy0, iz0;
+      double fy, fz;
+      wrap_cell(static_cast<double>(x[1]) * g.scale[1], g.n[1], iy0, fy);
+      wrap_cell(static_cast<double>(x[2]) * g.scale[2], g.n[2], iz0, fz);
+      const int64_t iy[2] = {iy0, (iy0 + 1 == g.n[1]) ? 0 : iy0 + 1};
+      const int64_t iz[2] = {iz0, (iz0 + 1 == g.n[2]) ? 0 : iz0 + 1};
+      const double wx[2] = {1.0 - fx, fx}, wy[2] = {1.0 - fy, fy}, wz[2] = {1.0 - fz, fz};
+      const int64_t ix[2] = {ix0, ix1};
+      const bool own[2] = {own0, own1};
+      const T* wp = w + nch * p;
+      for (int a = 0; a < 2; ++a) {
+        if (!own[a]) continue;
+        T* base = mesh + ix[a] * plane;
+        for (int b = 0; b < 2; ++b)
+          for (int c = 0; c < 2; ++c) {
+            const T k = static_cast<T>(wx[a] * wy[b] * wz[c]);
+            T* cell = base + (iy[b] * g.n[2] + iz[c]) * nch;
+            for (int64_t ch = 0; ch < nch; ++ch) cell[ch] += k * wp[ch];
+          }
       }
+    }
+  }
 }
 
 template <typename T>
 void paint(T* mesh, const T* pos, const T* w, int64_t npart, const Grid& g) {
-  const int64_t ncell = g.n[0] * g.n[1] * g.n[2] * g.nch;
-  std::fill(mesh, mesh + ncell, T(0));
-  const int64_t nx = g.n[0];
-  const int nthr = num_threads();
-  // Small inputs take the serial path whatever the thread count; larger ones always take the
-  // bucketed path, so the summation order (and the result, bitwise) never depends on threads.
-  if (npart < 4096 || nx < 4) {
-    for (int64_t p = 0; p < npart; ++p) paint_one(mesh, pos + 3 * p, w + g.nch * p, g);
-    return;
-  }
-  // Stable counting sort of particles by x cell.
-  std::vector<int32_t> xcell(npart);
-  std::vector<int64_t> start(nx + 1, 0);
+  if (g.nch == 1) return paint_impl<T, 1>(mesh, pos, w, npart, g);
+  if (g.nch == 3) return paint_impl<T, 3>(mesh, pos, w, npart, g);
+  return paint_impl<T, 0>(mesh, pos, w, npart, g);
+}
+
+template <typename T, int NCH>
+void readout_impl(const T* mesh, const T* pos, T* out, int64_t npart, const Grid& g) {
+  const int64_t nch = channels<NCH>(g);
+  const int nthr = npart > 4096 ? num_threads() : 1;
+  const Grid gl = g;  // a private copy: the outlined OpenMP body then keeps it in registers
 #pragma omp parallel for num_threads(nthr) schedule(static)
   for (int64_t p = 0; p < npart; ++p) {
-    int64_t i0[3];
+    int64_t i0[3], i1[3];
     double f[3];
-    cell_of(pos + 3 * p, g, i0, f);
-    xcell[p] = static_cast<int32_t>(i0[0]);
-  }
-  for (int64_t p = 0; p < npart; ++p) ++start[xcell[p] + 1];
-  for (int64_t i = 0; i < nx; ++i) start[i + 1] += start[i];
-  std::vector<int64_t> order(npart);
-  {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t p = 0; p < npart; ++p) order[fill[xcell[p]]++] = p;
-  }
-  std::vector<int32_t>().swap(xcell);
-  // Group g holds x planes [2g, 2g+2) and writes planes [2g, 2g+3): same-parity groups never meet,
-  // except the last group and group 0 across the periodic boundary when the count is odd.
-  const int64_t ngroup = (nx + 1) / 2;
-  const int64_t last_apart = (ngroup % 2 == 1) ? ngroup - 1 : -1;
-  auto run_group = [&](int64_t grp) {
-    const int64_t b = start[2 * grp], e = start[std::min<int64_t>(2 * grp + 2, nx)];
-    for (int64_t q = b; q < e; ++q) {
-      const int64_t p = order[q];
-      paint_one(mesh, pos + 3 * p, w + g.nch * p, g);
+    cell_of(pos + 3 * p, gl, i0, i1, f);
+    const int64_t ix[2] = {i0[0], i1[0]}, iy[2] = {i0[1], i1[1]}, iz[2] = {i0[2], i1[2]};
+    const double wx[2] = {1.0 - f[0], f[0]}, wy[2] = {1.0 - f[1], f[1]}, wz[2] = {1.0 - f[2], f[2]};
+    T* o = out + nch * p;
+    if constexpr (NCH > 0) {
+      T acc[NCH] = {};
+      for (int a = 0; a < 2; ++a)
+        for (int b = 0; b < 2; ++b)
+          for (int c = 0; c < 2; ++c) {
+            const T k = static_cast<T>(wx[a] * wy[b] * wz[c]);
+            const T* cell = mesh + ((ix[a] * gl.n[1] + iy[b]) * gl.n[2] + iz[c]) * NCH;
+            for (int ch = 0; ch < NCH; ++ch) acc[ch] += k * cell[ch];
+          }
+      for (int ch = 0; ch < NCH; ++ch) o[ch] = acc[ch];
+    } else {
+      for (int64_t ch = 0; ch < nch; ++ch) o[ch] = T(0);
+      for (int a = 0; a < 2; ++a)
+        for (int b = 0; b < 2; ++b)
+          for (int c = 0; c < 2; ++c) {
+            const T k = static_cast<T>(wx[a] * wy[b] * wz[c]);
+            const T* cell = mesh + ((ix[a] * gl.n[1] + iy[b]) * gl.n[2] + iz[c]) * nch;
+            for (int64_t ch = 0; ch < nch; ++ch) o[ch] += k * cell[ch];
+          }
     }
-  };
-  for (int parity = 0; parity < 2; ++parity) {
-#pragma omp parallel for num_threads(nthr) schedule(dynamic, 1)
-    for (int64_t grp = parity; grp < ngroup; grp += 2)
-      if (grp != last_apart) run_group(grp);
   }
-  if (last_apart >= 0) run_group(last_apart);
 }
 
 template <typename T>
 void readout(const T* mesh, const T* pos, T* out, int64_t npart, const Grid& g) {
-  const int nthr = num_threads();
-#pragma omp parallel for num_threads(nthr) schedule(static) if (npart > 4096)
-  for (int64_t p = 0; p < npart; ++p) {
-    int64_t i0[3];
-    double f[3];
-    cell_of(pos + 3 * p, g, i0, f);
-    const int64_t ix[2] = {i0[0], (i0[0] + 1) % g.n[0]};
-    const int64_t iy[2] = {i0[1], (i0[1] + 1) % g.n[1]};
-    const int64_t iz[2] = {i0[2], (i0[2] + 1) % g.n[2]};
-    const double wx[2] = {1.0 - f[0], f[0]}, wy[2] = {1.0 - f[1], f[1]}, wz[2] = {1.0 - f[2], f[2]};
-    T* o = out + g.nch * p;
-    for (int64_t ch = 0; ch < g.nch; ++ch) o[ch] = T(0);
-    for (int a = 0; a < 2; ++a)
-      for (int b = 0; b < 2; ++b)
-        for (int c = 0; c < 2; ++c) {
-          const T k = static_cast<T>(wx[a] * wy[b] * wz[c]);
-          const T* cell = mesh + ((ix[a] * g.n[1] + iy[b]) * g.n[2] + iz[c]) * g.nch;
-          for (int64_t ch = 0; ch < g.nch; ++ch) o[ch] += k * cell[ch];
-        }
-  }
+  if (g.nch == 1) return readout_impl<T, 1>(mesh, pos, out, npart, g);
+  if (g.nch == 3) return readout_impl<T, 3>(mesh, pos, out, npart, g);
+  return readout_impl<T, 0>(mesh, pos, out, npart, g);
 }
 
 // out[p, d] = sum_ch gout[p, ch] * d/dx_d readout(mesh[..., ch], x_p), in 1/(Mpc/h) units.
-template <typename T>
-void readout_vjp_pos(const T* mesh, const T* pos, const T* gout, T* out, int64_t npart,
-                     const Grid& g) {
-  const int nthr = num_threads();
-#pragma omp parallel for num_threads(nthr) schedule(static) if (npart > 4096)
+template <typename T, int NCH>
+void readout_vjp_pos_impl(const T* mesh, const T* pos, const T* gout, T* out, int64_t npart,
+                          const Grid& g) {
+  const int64_t nch = channels<NCH>(g);
+  const int nthr = npart > 4096 ? num_threads() : 1;
+  const Grid gl = g;  // private copy, kept in registers by the outlined body
+#pragma omp parallel for num_threads(nthr) schedule(static)
   for (int64_t p = 0; p < npart; ++p) {
-    int64_t i0[3];
+    int64_t i0[3], i1[3];
     double f[3];
-    cell_of(pos + 3 * p, g, i0, f);
-    const int64_t ix[2] = {i0[0], (i0[0] + 1) % g.n[0]};
-    const int64_t iy[2] = {i0[1], (i0[1] + 1) % g.n[1]};
-    const int64_t iz[2] = {i0[2], (i0[2] + 1) % g.n[2]};
-    const double w[3][2] = {{1.0 - f[0], f[0]}, {1.0 - f[1], f[1]}, {1.0 - f[2], f[2]}};
+    cell_of(pos + 3 * p, gl, i0, i1, f);
+    const int64_t ix[2] = {i0[0], i1[0]}, iy[2] = {i0[1], i1[1]}, iz[2] = {i0[2], i1[2]};
+    const double wx[2] = {1.0 - f[0], f[0]}, wy[2] = {1.0 - f[1], f[1]}, wz[2] = {1.0 - f[2], f[2]};
     const double dw[2] = {-1.0, 1.0};
-    const T* gp = gout + g.nch * p;
-    double acc[3] = {0.0, 0.0, 0.0};
+    const T* gp = gout + nch * p;
+    T gl_[NCH > 0 ? NCH : 1];
+    if constexpr (NCH > 0)
+      for (int ch = 0; ch < NCH; ++ch) gl_[ch] = gp[ch];
+    double a0 = 0.0, a1 = 0.0, a2 = 0.0;
     for (int a = 0; a < 2; ++a)
       for (int b = 0; b < 2; ++b)
         for (int c = 0; c < 2; ++c) {
-          const T* cell = mesh + ((ix[a] * g.n[1] + iy[b]) * g.n[2] + iz[c]) * g.nch;
+          const T* cell = mesh + ((ix[a] * gl.n[1] + iy[b]) * gl.n[2] + iz[c]) * nch;
           double v = 0.0;
-          for (int64_t ch = 0; ch < g.nch; ++ch) v += static_cast<double>(gp[ch]) * cell[ch];
-          acc[0] += v * dw[a] * w[1][b] * w[2][c];
-          acc[1] += v * w[0][a] * dw[b] * w[2][c];
-          acc[2] += v * w[0][a] * w[1][b] * dw[c];
+          if constexpr (NCH > 0) {
+            for (int ch = 0; ch < NCH; ++ch) v += static_cast<double>(gl_[ch]) * cell[ch];
+          } else {
+            for (int64_t ch = 0; ch < nch; ++ch) v += static_cast<double>(gp[ch]) * cell[ch];
+          }
+          a0 += v * dw[a] * wy[b] * wz[c];
+          a1 += v * wx[a] * dw[b] * wz[c];
+          a2 += v * wx[a] * wy[b] * dw[c];
         }
-    for (int d = 0; d < 3; ++d) out[3 * p + d] = static_cast<T>(acc[d] * g.scale[d]);
+    out[3 * p] = static_cast<T>(a0 * gl.scale[0]);
+    out[3 * p + 1] = static_cast<T>(a1 * gl.scale[1]);
+    out[3 * p + 2] = static_cast<T>(a2 * gl.scale[2]);
   }
+}
+
+template <typename T>
+void readout_vjp_pos(const T* mesh, const T* pos, const T* gout, T* out, int64_t npart,
+                     const Grid& g) {
+  if (g.nch == 1) return readout_vjp_pos_impl<T, 1>(mesh, pos, gout, out, npart, g);
+  if (g.nch == 3) return readout_vjp_pos_impl<T, 3>(mesh, pos, gout, out, npart, g);
+  return readout_vjp_pos_impl<T, 0>(mesh, pos, gout, out, npart, g);
 }
 
 // ------------------------------------------------------------------------------------------------
