@@ -47,7 +47,9 @@ def save_params(path, config, raw, provenance: dict | None = None, comm=None) ->
     tab = ParamTable(table(config.target, config.n_layers, config.hi_shift))
     raw = np.asarray(raw, dtype=float)
     if raw.shape != (len(tab),):
-        raise ValueError(f"{path}: {len(tab)} parameters expected for {config.target}, got {raw.shape}")
+        raise ValueError(
+            f"{path}: {len(tab)} parameters expected for {config.target}, got {raw.shape}"
+        )
     phys = tab.to_physical(raw)
     doc = {
         "format": FORMAT,
@@ -105,7 +107,9 @@ def load_params(path):
     except json.JSONDecodeError as err:
         raise ValueError(f"parameter file {path}: not valid JSON ({err})") from None
     if doc.get("format") != FORMAT:
-        raise ValueError(f"parameter file {path}: format {doc.get('format')!r}, expected {FORMAT!r}")
+        raise ValueError(
+            f"parameter file {path}: format {doc.get('format')!r}, expected {FORMAT!r}"
+        )
     try:
         config = StageConfig(**doc["config"])
     except (KeyError, TypeError) as err:
@@ -144,7 +148,9 @@ def load_plaintext(path, config, flavour: str = "jerald") -> np.ndarray:
     try:
         vec = np.atleast_1d(np.loadtxt(path, dtype=float))
     except ValueError as err:
-        raise ValueError(f"parameter file {path}: not a plain-text list of numbers ({err})") from None
+        raise ValueError(
+            f"parameter file {path}: not a plain-text list of numbers ({err})"
+        ) from None
     tab = ParamTable(table(config.target, config.n_layers, config.hi_shift))
     names = _plain_names(tab, config, flavour)
     if vec.shape != (len(names),):
@@ -163,7 +169,9 @@ def _plain_names(tab: ParamTable, config, flavour: str) -> list[str]:
     if flavour != "ldl":
         raise ValueError(f"flavour must be 'jerald' or 'ldl', got {flavour!r}")
     if config.target == "hi":
-        raise ValueError("LDL has no HI model of this form (its nHI target uses the stellar-like model)")
+        raise ValueError(
+            "LDL has no HI model of this form (its nHI target uses the stellar-like model)"
+        )
     names = []
     for i in range(config.n_layers):
         names += [f"alpha_{i}", f"gamma_{i}", f"kh_{i}", f"kl_{i}", f"n_{i}"]

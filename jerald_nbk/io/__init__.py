@@ -1,0 +1,13 @@
+"""Files in and out: bigfile meshes and catalogs (FastPM, nbodykit, LDL/JERALD layouts).
+
+* :mod:`.meshes`: :func:`write_mesh`, :func:`read_mesh` (bigfile ``Field`` meshes, ``.npy``);
+* :mod:`.catalogs`: :func:`read_catalog`, :func:`write_catalog` (FastPM ``1/Position`` layout and
+  nbodykit's top-level layout), MPI-aware reads of each rank's share.
+
+Importing this package does not import nbodykit (slow); bigfile is imported when a file is opened.
+"""
+
+from .catalogs import rank_range, read_catalog, write_catalog
+from .meshes import read_mesh, sidecar_path, write_mesh
+
+__all__ = ["read_mesh", "write_mesh", "sidecar_path", "read_catalog", "write_catalog", "rank_range"]

@@ -1,0 +1,455 @@
+"""Meshes and catalogs on disk: round trips, nbodykit interoperability, bad files, atomicity, MPI.
+
+Round trips are exact (bit for bit). nbodykit reads what we write and we read what nbodykit
+writes, in both catalog layouts (FastPM ``1/`` dataset and nbodykit's top level).
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+from jerald_nbk.io import catalogs as catalogs_mod
+from jerald_nbk.io import (
+    rank_range,
+    read_catalog,
+    read_mesh,
+    sidecar_path,
+    write_catalog,
+    write_mesh,
+)
+
+
+def listing(directory):
+    """Everything in a directory, temporaries included (they start with a dot)."""
+    return sorted(os.listdir(directory))
+
+
+def random_mesh(shape, dtype, seed=0):
+    return np.random.default_rng(seed).lognormal(size=shape).astype(dtype)
+
+
+# --------------------------------------------------------------------------- meshes: round trips
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,box", [((8, 8, 8), 25.0), ((8, 6, 4), (10.0, 12.0, 14.0))])
+def test_mesh_round_trip_bigfile(tmp_path, dtype, shape, box):
+    arr = random_mesh(shape, dtype)
+    attrs = {"redshift": 2.0, "units": "1e10 Msun/h", "prescription": {"T0": 1e4, "gamma": 1.5}}
+    write_mesh(tmp_path / "m", arr, box, attrs=attrs)
+    out, got = read_mesh(tmp_path / "m")
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, arr)
+    np.testing.assert_array_equal(got["BoxSize"], np.broadcast_to(box, (3,)))
+    np.testing.assert_array_equal(got["Nmesh"], shape)
+    np.testing.assert_array_equal(got["ndarray.shape"], shape)
+    assert got["redshift"] == 2.0
+    assert got["units"] == "1e10 Msun/h"
+    assert got["prescription"] == {"T0": 1e4, "gamma": 1.5}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mesh_round_trip_npy(tmp_path, dtype):
+    arr = random_mesh((6, 8, 10), dtype)
+    write_mesh(tmp_path / "m.npy", arr, (6.0, 8.0, 10.0), attrs={"redshift": 5.0})
+    assert sidecar_path(tmp_path / "m.npy").is_file()
+    out, got = read_mesh(tmp_path / "m.npy", BoxSize=(6.0, 8.0, 10.0), Nmesh=(6, 8, 10))
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, arr)
+    np.testing.assert_array_equal(got["BoxSize"], [6.0, 8.0, 10.0])
+    assert got["redshift"] == 5.0
+
+
+def test_npy_without_sidecar_needs_boxsize(tmp_path):
+    arr = random_mesh((4, 4, 4), np.float32)
+    np.save(tmp_path / "bare.npy", arr)
+    with pytest.raises(FileNotFoundError, match=r"bare\.npy\.json.*BoxSize"):
+        read_mesh(tmp_path / "bare.npy")
+    out, got = read_mesh(tmp_path / "bare.npy", BoxSize=20.0)
+    np.testing.assert_array_equal(out, arr)
+    np.testing.assert_array_equal(got["BoxSize"], [20.0] * 3)
+
+
+def test_mesh_accepts_jax_arrays(tmp_path):
+    import jax.numpy as jnp
+
+    arr = jnp.arange(64, dtype=jnp.float32).reshape(4, 4, 4)
+    write_mesh(tmp_path / "j", arr, 4.0)
+    out, _ = read_mesh(tmp_path / "j")
+    np.testing.assert_array_equal(out, np.asarray(arr))
+
+
+def test_write_mesh_replaces_existing(tmp_path):
+    write_mesh(tmp_path / "m", np.zeros((4, 4, 4)), 1.0)
+    write_mesh(tmp_path / "m", np.ones((2, 2, 2), np.float32), 2.0)
+    out, got = read_mesh(tmp_path / "m")
+    np.testing.assert_array_equal(out, np.ones((2, 2, 2)))
+    np.testing.assert_array_equal(got["BoxSize"], [2.0] * 3)
+    assert listing(tmp_path) == ["m"]
+
+
+# ------------------------------------------------------------------- meshes: nbodykit interop
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nbodykit_bigfilemesh_reads_our_mesh(tmp_path, dtype):
+    from nbodykit.lab import BigFileMesh
+
+    arr = random_mesh((8, 6, 4), dtype, seed=3)
+    write_mesh(tmp_path / "m", arr, (10.0, 12.0, 14.0), attrs={"redshift": 0.0})
+    mesh = BigFileMesh(str(tmp_path / "m"), "Field")
+    np.testing.assert_array_equal(mesh.pm.Nmesh, [8, 6, 4])
+    np.testing.assert_array_equal(mesh.pm.BoxSize, [10.0, 12.0, 14.0])
+    assert np.dtype(mesh.dtype) == dtype
+    np.testing.assert_array_equal(mesh.compute(mode="real").preview(), arr)
+
+
+def test_we_read_nbodykit_saved_mesh(tmp_path):
+    from nbodykit.lab import ArrayMesh
+
+    arr = random_mesh((8, 6, 4), np.float64, seed=4)
+    ArrayMesh(arr, BoxSize=(10.0, 12.0, 14.0)).save(str(tmp_path / "nb"), dataset="Field")
+    out, got = read_mesh(tmp_path / "nb")
+    np.testing.assert_array_equal(out, arr)
+    np.testing.assert_array_equal(got["BoxSize"], [10.0, 12.0, 14.0])
+
+
+# ------------------------------------------------------------------------ meshes: bad files
+
+
+def _bigfile_block(path, name, data, attrs):
+    import bigfile
+
+    with bigfile.File(str(path), create=True) as ff:
+        with ff.create_from_array(name, data) as bb:
+            for key, value in attrs.items():
+                bb.attrs[key] = value
+
+
+def test_read_mesh_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        read_mesh(tmp_path / "nothere")
+    with pytest.raises(FileNotFoundError, match=r"nothere\.npy"):
+        read_mesh(tmp_path / "nothere.npy")
+
+
+def test_read_mesh_missing_dataset(tmp_path):
+    write_mesh(tmp_path / "m", np.zeros((4, 4, 4)), 1.0)
+    with pytest.raises(
+        ValueError, match=r"mesh .*/m: no dataset 'Density' \(blocks found: \['Field'\]"
+    ):
+        read_mesh(tmp_path / "m", dataset="Density")
+
+
+def test_read_mesh_missing_attribute(tmp_path):
+    _bigfile_block(tmp_path / "m", "Field", np.zeros(64), {"Nmesh": [4, 4, 4]})
+    with pytest.raises(ValueError, match=r"dataset 'Field' has no attribute 'BoxSize'"):
+        read_mesh(tmp_path / "m")
+
+
+def test_read_mesh_wrong_shape(tmp_path):
+    attrs = {"Nmesh": [4, 4, 4], "BoxSize": [1.0, 1.0, 1.0], "ndarray.shape": [4, 4, 4]}
+    _bigfile_block(tmp_path / "m", "Field", np.zeros(60), attrs)
+    with pytest.raises(ValueError, match=r"has 60 values, expected 64 for Nmesh \[4, 4, 4\]"):
+        read_mesh(tmp_path / "m")
+    attrs["ndarray.shape"] = [8, 2, 4]
+    _bigfile_block(tmp_path / "n", "Field", np.zeros(64), attrs)
+    with pytest.raises(ValueError, match=r"'ndarray.shape' \[8, 2, 4\] != Nmesh \[4, 4, 4\]"):
+        read_mesh(tmp_path / "n")
+
+
+def test_read_mesh_expected_values(tmp_path):
+    write_mesh(tmp_path / "m", np.zeros((4, 4, 4)), 80.0)
+    with pytest.raises(ValueError, match=r"BoxSize \[80.0, 80.0, 80.0\] != expected \[100.0"):
+        read_mesh(tmp_path / "m", BoxSize=100.0)
+    with pytest.raises(ValueError, match=r"Nmesh \[4, 4, 4\] != expected \[8, 8, 8\]"):
+        read_mesh(tmp_path / "m", Nmesh=8)
+
+
+def test_read_mesh_complex_field(tmp_path):
+    attrs = {"Nmesh": [4, 4, 4], "BoxSize": [1.0, 1.0, 1.0], "ndarray.shape": [4, 4, 3]}
+    _bigfile_block(tmp_path / "c", "Field", np.zeros(48, np.complex64), attrs)
+    with pytest.raises(ValueError, match=r"complex \(Fourier-space\) mesh.*mode='real'"):
+        read_mesh(tmp_path / "c")
+
+
+def test_read_mesh_truncated(tmp_path):
+    write_mesh(tmp_path / "m", np.ones((8, 8, 8), np.float32), 1.0)
+    phys = tmp_path / "m" / "Field" / "000000"
+    with open(phys, "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(ValueError, match=r"000000 is truncated: 100 bytes, expected 2048"):
+        read_mesh(tmp_path / "m")
+    phys.unlink()
+    with pytest.raises(FileNotFoundError, match="000000 is missing"):
+        read_mesh(tmp_path / "m")
+
+
+def test_read_mesh_truncated_npy(tmp_path):
+    write_mesh(tmp_path / "m.npy", np.ones((8, 8, 8)), 1.0)
+    with open(tmp_path / "m.npy", "r+b") as fh:
+        fh.truncate(300)
+    with pytest.raises(ValueError, match=r"m\.npy: not a readable \.npy file"):
+        read_mesh(tmp_path / "m.npy")
+
+
+@pytest.mark.parametrize(
+    "array,box,match",
+    [
+        (np.zeros((4, 4)), (1.0, 1.0, 1.0), "BoxSize must be a number or 2 numbers"),
+        (np.zeros(4), 1.0, r"2- or 3-dimensional, got shape \(4,\)"),
+        (np.zeros((4, 4, 4), np.complex64), 1.0, "must be real"),
+        (np.zeros((4, 4, 4)), -1.0, "BoxSize must be positive"),
+    ],
+)
+def test_write_mesh_bad_input_writes_nothing(tmp_path, array, box, match):
+    with pytest.raises(ValueError, match=match):
+        write_mesh(tmp_path / "m", array, box)
+    assert listing(tmp_path) == []
+
+
+# ------------------------------------------------------------------------- meshes: atomicity
+
+
+def test_failed_mesh_write_keeps_previous_file(tmp_path):
+    old = random_mesh((4, 4, 4), np.float32)
+    write_mesh(tmp_path / "m", old, 5.0)
+    # the field data is already written when the unstorable attribute fails
+    with pytest.raises(ValueError, match="attribute 'bad'"):
+        write_mesh(tmp_path / "m", np.zeros((8, 8, 8)), 9.0, attrs={"bad": object()})
+    out, got = read_mesh(tmp_path / "m")
+    np.testing.assert_array_equal(out, old)
+    np.testing.assert_array_equal(got["BoxSize"], [5.0] * 3)
+    assert listing(tmp_path) == ["m"]
+
+
+def test_failed_npy_write_keeps_previous_file(tmp_path):
+    old = random_mesh((4, 4, 4), np.float64)
+    write_mesh(tmp_path / "m.npy", old, 5.0)
+    with pytest.raises(ValueError, match="attribute 'bad' of type object"):
+        write_mesh(tmp_path / "m.npy", np.zeros((8, 8, 8)), 9.0, attrs={"bad": object()})
+    out, _ = read_mesh(tmp_path / "m.npy")
+    np.testing.assert_array_equal(out, old)
+    assert listing(tmp_path) == ["m.npy", "m.npy.json"]
+
+
+# ------------------------------------------------------------------------------ catalogs
+
+
+def random_catalog(n=100, box=10.0, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "Position": rng.uniform(0, box, (n, 3)).astype(np.float32),
+        "Velocity": rng.normal(size=(n, 3)).astype(np.float32),
+        "ID": np.arange(n, dtype=np.uint64),
+        "Mass": rng.uniform(size=n),
+    }
+
+
+@pytest.mark.parametrize("dataset", ["1", None])
+def test_catalog_round_trip(tmp_path, dataset):
+    cols = random_catalog()
+    attrs = {"BoxSize": 10.0, "NC": 5, "Time": 0.5, "cosmology": {"Om0": 0.308, "h": 0.678}}
+    write_catalog(tmp_path / "c", cols, attrs, dataset=dataset)
+    data, got = read_catalog(tmp_path / "c", list(cols), dataset=dataset)
+    for name, arr in cols.items():
+        assert data[name].dtype == arr.dtype
+        np.testing.assert_array_equal(data[name], arr)
+    assert got["BoxSize"] == 10.0 and got["NC"] == 5 and got["Time"] == 0.5
+    assert got["cosmology"] == {"Om0": 0.308, "h": 0.678}
+
+
+def test_empty_catalog_round_trip(tmp_path):
+    write_catalog(tmp_path / "c", {"Position": np.zeros((0, 3))}, {"BoxSize": 1.0})
+    data, _ = read_catalog(tmp_path / "c")
+    assert data["Position"].shape == (0, 3)
+
+
+@pytest.mark.parametrize("dataset", ["1", None])
+def test_nbodykit_bigfilecatalog_reads_our_catalog(tmp_path, dataset):
+    from nbodykit.lab import BigFileCatalog
+
+    cols = random_catalog(seed=1)
+    write_catalog(tmp_path / "c", cols, {"BoxSize": 10.0, "Time": 0.25}, dataset=dataset)
+    kwargs = {"dataset": dataset} if dataset else {}
+    cat = BigFileCatalog(str(tmp_path / "c"), **kwargs)
+    assert cat.csize == 100
+    for name in cols:
+        # nbodykit hands 1D bigfile columns back as (N, 1), its own saved ones included
+        np.testing.assert_array_equal(cat[name].compute().reshape(cols[name].shape), cols[name])
+    np.testing.assert_array_equal(cat.attrs["BoxSize"], [10.0])
+    np.testing.assert_array_equal(cat.attrs["Time"], [0.25])
+
+
+@pytest.mark.parametrize("dataset", [None, "1"])
+def test_we_read_nbodykit_saved_catalog(tmp_path, dataset):
+    from nbodykit.lab import UniformCatalog
+
+    cat = UniformCatalog(nbar=0.1, BoxSize=10.0, seed=7)
+    cat.save(str(tmp_path / "u"), ["Position", "Velocity"], dataset=dataset)
+    data, attrs = read_catalog(tmp_path / "u", ("Position", "Velocity"), dataset=dataset)
+    np.testing.assert_array_equal(data["Position"], cat["Position"].compute())
+    np.testing.assert_array_equal(data["Velocity"], cat["Velocity"].compute())
+    np.testing.assert_array_equal(attrs["BoxSize"], [10.0, 10.0, 10.0])
+    assert attrs["seed"] == 7
+
+
+def test_fastpm_layout_with_dataset_attrs(tmp_path):
+    """FastPM files: columns under 1/, run attributes on Header, more on the dataset itself."""
+    import bigfile
+
+    pos = np.random.default_rng(2).uniform(0, 8.0, (27, 3)).astype(np.float32)
+    with bigfile.File(str(tmp_path / "fastpm"), create=True) as ff:
+        ff.create_from_array("1/Position", pos).close()
+        ff.create_from_array("1/Velocity", np.zeros_like(pos)).close()
+        with ff.create("Header") as hb:
+            hb.attrs["BoxSize"] = np.array([8.0])
+            hb.attrs["NC"] = np.array([3])
+            hb.attrs["ScalingFactor"] = np.array([0.5])
+        with ff.create("1/.") as db:
+            db.attrs["ScalingFactor"] = np.array([1.0])  # the dataset's own value wins
+    data, attrs = read_catalog(tmp_path / "fastpm", ["Position", "Velocity"])
+    np.testing.assert_array_equal(data["Position"], pos)
+    assert attrs["BoxSize"] == 8.0 and attrs["NC"] == 3 and attrs["ScalingFactor"] == 1.0
+
+
+# --------------------------------------------------------------------- catalogs: bad files
+
+
+def test_read_catalog_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="catalog .*/none: no such bigfile"):
+        read_catalog(tmp_path / "none")
+
+
+def test_read_catalog_missing_dataset_and_column(tmp_path):
+    write_catalog(tmp_path / "c", random_catalog(), {"BoxSize": 10.0}, dataset=None)
+    with pytest.raises(ValueError, match=r"no dataset '1'.*pass dataset=None"):
+        read_catalog(tmp_path / "c")
+    with pytest.raises(ValueError, match=r"top level has no column 'Density' \(columns found:"):
+        read_catalog(tmp_path / "c", ["Position", "Density"], dataset=None)
+
+
+def test_read_catalog_wrong_shape(tmp_path):
+    import bigfile
+
+    with bigfile.File(str(tmp_path / "c"), create=True) as ff:
+        ff.create_from_array("1/Position", np.zeros((10, 2), np.float32)).close()
+        ff.create_from_array("1/Velocity", np.zeros((9, 3), np.float32)).close()
+    with pytest.raises(
+        ValueError, match=r"column 'Position' has shape \(N, 2\), expected \(N, 3\)"
+    ):
+        read_catalog(tmp_path / "c")
+    with pytest.raises(ValueError, match=r"columns have different lengths"):
+        write_catalog(tmp_path / "d", {"Position": np.zeros((10, 3)), "ID": np.arange(9)}, {})
+
+
+def test_read_catalog_truncated(tmp_path):
+    write_catalog(tmp_path / "c", random_catalog(n=50), {"BoxSize": 10.0})
+    with open(tmp_path / "c" / "1" / "Velocity" / "000000", "r+b") as fh:
+        fh.truncate(120)
+    with pytest.raises(ValueError, match=r"column 'Velocity'.*truncated: 120 bytes, expected 600"):
+        read_catalog(tmp_path / "c", ["Position", "Velocity"])
+    read_catalog(tmp_path / "c", ["Position"])  # the intact column still reads
+
+
+def test_write_catalog_bad_position_writes_nothing(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"column 'Position' has shape \(N, 2\), expected \(N, 3\)"
+    ):
+        write_catalog(tmp_path / "c", {"Position": np.zeros((5, 2))}, {})
+    assert listing(tmp_path) == []
+
+
+def test_failed_catalog_write_keeps_previous_file(tmp_path, monkeypatch):
+    old = random_catalog(seed=5)
+    write_catalog(tmp_path / "c", old, {"BoxSize": 10.0})
+    calls = []
+
+    def failing_nfile(n):
+        calls.append(n)
+        if len(calls) == 2:  # Header and the first column are on disk by now
+            raise OSError("disk full (simulated)")
+        return 1
+
+    monkeypatch.setattr(catalogs_mod, "_nfile", failing_nfile)
+    with pytest.raises(OSError, match="simulated"):
+        write_catalog(tmp_path / "c", random_catalog(n=7, seed=6), {"BoxSize": 99.0})
+    monkeypatch.undo()
+    data, attrs = read_catalog(tmp_path / "c", list(old))
+    np.testing.assert_array_equal(data["Position"], old["Position"])
+    assert attrs["BoxSize"] == 10.0
+    assert listing(tmp_path) == ["c"]
+
+
+def test_rank_range_covers_rows():
+    for n in (0, 1, 7, 100):
+        for size in (1, 2, 3, 5):
+            ranges = [rank_range(n, r, size) for r in range(size)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+
+
+# ----------------------------------------------------------------------------------- MPI
+
+
+def _shared_dir(comm, tmp_path):
+    """One directory for all ranks: rank 0's tmp_path."""
+    return comm.bcast(str(tmp_path), root=0)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_mpi_read_catalog_splits_rows(tmp_path):
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    path = os.path.join(_shared_dir(comm, tmp_path), "c")
+    n = 101
+    if comm.rank == 0:
+        write_catalog(path, random_catalog(n=n, seed=8), {"BoxSize": 10.0})
+    comm.barrier()
+    data, attrs = read_catalog(path, ["Position", "ID"], comm=comm)
+    start, stop = rank_range(n, comm.rank, comm.size)
+    assert len(data["ID"]) == stop - start  # this rank's share only, not the whole catalog
+    np.testing.assert_array_equal(data["ID"], np.arange(start, stop))
+    ids = np.concatenate(comm.allgather(data["ID"]))
+    assert len(ids) == n and len(np.unique(ids)) == n  # full coverage, no overlap
+    assert attrs["BoxSize"] == 10.0
+
+
+@pytest.mark.mpi(min_size=2)
+def test_mpi_write_catalog_in_rank_order(tmp_path):
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    path = os.path.join(_shared_dir(comm, tmp_path), "w")
+    full = random_catalog(n=53, seed=9)
+    start, stop = rank_range(53, comm.rank, comm.size)
+    local = {k: v[start:stop] for k, v in full.items()}
+    write_catalog(path, local, {"BoxSize": 10.0}, comm=comm)
+    data, _ = read_catalog(path, list(full))
+    for name in full:
+        np.testing.assert_array_equal(data[name], full[name])
+    # a bad input on one rank: every rank raises, nothing is replaced
+    bad = dict(local)
+    if comm.rank == 1:
+        bad["Position"] = bad["Position"][:, :2]
+    with pytest.raises(ValueError, match="expected \\(N, 3\\)"):
+        write_catalog(path, bad, {"BoxSize": 1.0}, comm=comm)
+    data, attrs = read_catalog(path, ["Position"])
+    np.testing.assert_array_equal(data["Position"], full["Position"])
+    assert attrs["BoxSize"] == 10.0
+
+
+@pytest.mark.mpi(min_size=2)
+def test_mpi_read_mesh_broadcasts(tmp_path):
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    path = os.path.join(_shared_dir(comm, tmp_path), "m")
+    arr = random_mesh((4, 6, 8), np.float32, seed=10)
+    write_mesh(path, arr, 5.0, comm=comm)
+    out, attrs = read_mesh(path, comm=comm)
+    np.testing.assert_array_equal(out, arr)
+    with pytest.raises(ValueError, match="no dataset 'Other'"):
+        read_mesh(path, dataset="Other", comm=comm)
