@@ -10,7 +10,12 @@ import numpy as np
 
 
 def zeldovich_particles(
-    nside: int, boxsize: float, seed: int = 0, rms_disp: float = 0.3, slope: float = -2.0, dtype=np.float32
+    nside: int,
+    boxsize: float,
+    seed: int = 0,
+    rms_disp: float = 0.3,
+    slope: float = -2.0,
+    dtype=np.float32,
 ) -> np.ndarray:
     """``nside^3`` particles displaced from a cell-centred lattice by a Zel'dovich field.
 
@@ -41,7 +46,13 @@ def zeldovich_particles(
     delta_k = np.fft.rfftn(rng.normal(size=(nside,) * 3)) * k2 ** (slope / 4)
     delta_k[0, 0, 0] = 0
     # psi_k = i k delta_k / k^2  (so that delta = -div psi)
-    disp = np.stack([np.fft.irfftn(1j * kk * delta_k / k2, s=(nside,) * 3, axes=(0, 1, 2)) for kk in (kx, ky, kzz)], -1)
+    disp = np.stack(
+        [
+            np.fft.irfftn(1j * kk * delta_k / k2, s=(nside,) * 3, axes=(0, 1, 2))
+            for kk in (kx, ky, kzz)
+        ],
+        -1,
+    )
     disp *= rms_disp * h / disp.std()
     q = (np.stack(np.meshgrid(*[np.arange(nside)] * 3, indexing="ij"), -1) + 0.5) * h
     return np.mod(q + disp, boxsize).reshape(-1, 3).astype(dtype)

@@ -45,7 +45,13 @@ def raw_of(stage, **phys):
 
 @pytest.mark.parametrize(
     "target,layers,shift,count",
-    [("dm", 2, False, 10), ("stellar", 2, False, 13), ("stellar", 3, False, 18), ("hi", 2, False, 31), ("hi", 2, True, 32)],
+    [
+        ("dm", 2, False, 10),
+        ("stellar", 2, False, 13),
+        ("stellar", 3, False, 18),
+        ("hi", 2, False, 31),
+        ("hi", 2, True, 32),
+    ],
 )
 def test_parameter_counts_follow_table_I(target, layers, shift, count):
     assert len(table(target, layers, shift)) == count
@@ -53,10 +59,23 @@ def test_parameter_counts_follow_table_I(target, layers, shift, count):
 
 def test_bounds_projection_and_scaling():
     tab = ParamTable(table("stellar", 1))
-    raw = tab.to_raw({"alpha_0": 0.01, "gamma_0": 5.0, "kh_0": -1.0, "kl_0": 0.0, "nu_0": -2, "w": 0.0, "mu": 0.0, "b": 3})
+    raw = tab.to_raw(
+        {
+            "alpha_0": 0.01,
+            "gamma_0": 5.0,
+            "kh_0": -1.0,
+            "kl_0": 0.0,
+            "nu_0": -2,
+            "w": 0.0,
+            "mu": 0.0,
+            "b": 3,
+        }
+    )
     assert raw[0] == pytest.approx(1.0)  # alpha is optimised in units of 1e-2
     p = tab.as_dict(tab.project(jnp.asarray(raw)))
-    assert (p["gamma_0"], p["kh_0"], p["kl_0"], p["w"], p["mu"]) == pytest.approx((2.0, 0.0, 0.1, 1e-5, 0.1))
+    assert (p["gamma_0"], p["kh_0"], p["kl_0"], p["w"], p["mu"]) == pytest.approx(
+        (2.0, 0.0, 0.1, 1e-5, 0.1)
+    )
     assert p["b"] == 3 and p["nu_0"] == -2  # unbounded ones untouched
     with pytest.raises(ValueError, match="gamma_0=5 not in"):
         tab.check_bounds(tab.to_physical(raw))
@@ -85,7 +104,9 @@ def test_zero_alpha_is_identity(pm64, pos64):
 def test_full_model_gradient_matches_finite_differences(target, pm64, pos64):
     cfg = StageConfig(target, 1, hi_shift=(target == "hi"))
     stage = Stage(pm64, cfg)
-    star = Stage(pm64, StageConfig("stellar", 1)).forward(pos64, raw_of(Stage(pm64, StageConfig("stellar", 1)), alpha_0=0.02, b=0.3))
+    star = Stage(pm64, StageConfig("stellar", 1)).forward(
+        pos64, raw_of(Stage(pm64, StageConfig("stellar", 1)), alpha_0=0.02, b=0.3)
+    )
     raw = stage.table.init_raw()
     rng = np.random.default_rng(0)
     raw = jnp.asarray(raw + 0.05 * rng.normal(size=raw.shape) * (np.abs(raw) + 0.5))
@@ -118,7 +139,9 @@ def test_smoothing_filter_weight_one_at_k0(pm64):
     assert smoothing_filter(pm64, 0) is None
 
 
-@pytest.mark.parametrize("kind,fractions", [("paper", (0.5, 0.42, 0.08)), ("ldl", (0.74, 0.17, 0.09))])
+@pytest.mark.parametrize(
+    "kind,fractions", [("paper", (0.5, 0.42, 0.08)), ("ldl", (0.74, 0.17, 0.09))]
+)
 def test_splits_are_disjoint_and_cover(pm64, kind, fractions):
     m = split_masks(pm64, kind)
     total = sum(np.asarray(v, dtype=int) for v in m.values())
@@ -145,7 +168,9 @@ def test_l1_and_l2_losses_by_hand(pm64):
 def test_schedule_eq16():
     s = paper_schedule(0.002, 0.02, 100.0)
     assert float(s(0)) == pytest.approx(0.002)
-    assert float(s(100)) == pytest.approx((0.02 - 0.002) * (2 / (np.exp(-1) + 1) - 1) + 0.002, rel=1e-6)
+    assert float(s(100)) == pytest.approx(
+        (0.02 - 0.002) * (2 / (np.exp(-1) + 1) - 1) + 0.002, rel=1e-6
+    )
     assert float(s(5000)) == pytest.approx(0.02, rel=1e-6)
 
 
@@ -236,10 +261,14 @@ def test_resume_reaches_the_same_parameters(tmp_path, pm64, pos64):
 def test_best_by_validation_and_early_stopping(pm64, pos64):
     stage = Stage(pm64, StageConfig("dm", 1))
     target = stage.forward(pos64, raw_of(stage, alpha_0=0.02))
-    cfg = TrainConfig(steps=200, patience=3, eta0=0.5, eta_final=0.5, progress=False)  # far too large
+    cfg = TrainConfig(
+        steps=200, patience=3, eta0=0.5, eta_final=0.5, progress=False
+    )  # far too large
     res = train(Objective(stage, pos64, target, cfg), cfg)
     vals = [r["validation"] for r in res.history]
-    assert res.best_losses["validation"] == pytest.approx(min(vals + [res.best_losses["validation"]]))
+    assert res.best_losses["validation"] == pytest.approx(
+        min(vals + [res.best_losses["validation"]])
+    )
     assert res.stopped_early and len(res.history) < 200
 
 
@@ -247,11 +276,17 @@ def test_pipeline_chains_stages(pm64, pos64):
     dm = Stage(pm64, StageConfig("dm", 1))
     st = Stage(pm64, StageConfig("stellar", 1))
     hi = Stage(pm64, StageConfig("hi", 1))
-    pipe = Pipeline(dm=(dm, raw_of(dm, alpha_0=0.01)), stellar=(st, st.table.init_raw()), hi=(hi, hi.table.init_raw()))
+    pipe = Pipeline(
+        dm=(dm, raw_of(dm, alpha_0=0.01)),
+        stellar=(st, st.table.init_raw()),
+        hi=(hi, hi.table.init_raw()),
+    )
     maps = pipe.maps(pos64)
     x = dm.displace(pos64, raw_of(dm, alpha_0=0.01))
     np.testing.assert_allclose(maps["stellar"], st.forward(x, st.table.init_raw()), rtol=1e-12)
-    np.testing.assert_allclose(maps["hi"], hi.forward(x, hi.table.init_raw(), star=maps["stellar"]), rtol=1e-12)
+    np.testing.assert_allclose(
+        maps["hi"], hi.forward(x, hi.table.init_raw(), star=maps["stellar"]), rtol=1e-12
+    )
 
 
 # -- files and bad inputs --------------------------------------------------------------------------
@@ -265,7 +300,10 @@ def test_param_file_round_trips(tmp_path):
     cfg2, raw2, prov = load_params(path)
     assert cfg2 == cfg and prov["redshift"] == 2.0 and "package_version" in prov
     np.testing.assert_allclose(raw2, raw, rtol=1e-12)
-    for flavour, c in (("jerald", cfg), ("ldl", StageConfig("stellar", 2, gradient_order=4, green="sm"))):
+    for flavour, c in (
+        ("jerald", cfg),
+        ("ldl", StageConfig("stellar", 2, gradient_order=4, green="sm")),
+    ):
         t = ParamTable(table(c.target, c.n_layers, c.hi_shift))
         r = t.init_raw() * 1.05
         p = save_plaintext(tmp_path / f"{flavour}.txt", c, r, flavour)
@@ -284,7 +322,9 @@ def test_param_file_errors(tmp_path):
     with pytest.raises(ValueError, match=r"bad.json: parameters .*alfa_0.* expects .*alpha_0"):
         load_params(tmp_path / "bad.json")
     np.savetxt(tmp_path / "short.txt", np.ones(7))
-    with pytest.raises(ValueError, match=r"short.txt: 7 values, but a jerald dm model with 2 layers has 10"):
+    with pytest.raises(
+        ValueError, match=r"short.txt: 7 values, but a jerald dm model with 2 layers has 10"
+    ):
         load_plaintext(tmp_path / "short.txt", cfg)
     with pytest.raises(FileNotFoundError, match="nope.json"):
         load_params(tmp_path / "nope.json")
@@ -294,7 +334,10 @@ def test_bad_training_inputs(pm64, pos64):
     stage = Stage(pm64, StageConfig("stellar", 1))
     good = jnp.ones(pm64.Nmesh)
     cfg = TrainConfig(progress=False)
-    with pytest.raises(ValueError, match=r"stellar target: map has shape \(16, 16, 16\), expected the mesh's \(32, 32, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"stellar target: map has shape \(16, 16, 16\), expected the mesh's \(32, 32, 32\)",
+    ):
         Objective(stage, pos64, jnp.ones((16, 16, 16)), cfg)
     with pytest.raises(ValueError, match="stellar target: map has 1 non-finite"):
         Objective(stage, pos64, good.at[0, 0, 0].set(jnp.nan), cfg)

@@ -143,7 +143,7 @@ def test_vjps_match_finite_differences(kernel):
     pos = pos[away_from_faces(pos, pm, 2e-3)]
     m = rng.uniform(0.5, 1.5, len(pos))
     g = jnp.asarray(rng.normal(size=pm.Nmesh))
-    kern = jnp.exp(-pm.knorm() ** 2) * pm.gradient_kernels(6)[0]
+    kern = jnp.exp(-(pm.knorm() ** 2)) * pm.gradient_kernels(6)[0]
 
     def loss(x, mass, mesh):
         phi = pm.c2r(kern * pm.r2c(pm.paint(x, mass)))

@@ -38,8 +38,12 @@ def _layer(i: int, alpha_scale: float, suffix: str = "", what: str = "") -> list
     return [
         ParamSpec(f"alpha{s}", 1e-3, alpha_scale, doc=f"displacement amplitude{what} (Mpc/h)^2"),
         ParamSpec(f"gamma{s}", 0.5, 1.0, 0.05, 2.0, doc=f"power of 1+delta{what}"),
-        ParamSpec(f"kh{s}", 1.0, 1.0, 0.0, doc=f"large-scale cut of the Green's function{what} (h/Mpc)"),
-        ParamSpec(f"kl{s}", 8.0, 1.0, 0.1, doc=f"small-scale cut of the Green's function{what} (h/Mpc)"),
+        ParamSpec(
+            f"kh{s}", 1.0, 1.0, 0.0, doc=f"large-scale cut of the Green's function{what} (h/Mpc)"
+        ),
+        ParamSpec(
+            f"kl{s}", 8.0, 1.0, 0.1, doc=f"small-scale cut of the Green's function{what} (h/Mpc)"
+        ),
         ParamSpec(f"nu{s}", 0.0, 1.0, doc=f"power of k in the Green's function{what}"),
     ]
 
@@ -54,7 +58,9 @@ def hi_layer_names(i: int) -> list[str]:
     return [p.name for p in _layer(i, 1.0, "1")] + [p.name for p in _layer(i, 1.0, "2")]
 
 
-def table(target: str, n_layers: int, hi_shift: bool = False, w_init: float = 1.0) -> list[ParamSpec]:
+def table(
+    target: str, n_layers: int, hi_shift: bool = False, w_init: float = 1.0
+) -> list[ParamSpec]:
     """The parameter table of a target.
 
     Parameters
@@ -149,7 +155,9 @@ class ParamTable:
             physical = [physical[n] for n in self.names]
         physical = np.asarray(physical, dtype=float)
         if physical.shape != (len(self),):
-            raise ValueError(f"expected {len(self)} parameters ({', '.join(self.names)}), got {physical.shape[0] if physical.ndim else 0}")
+            raise ValueError(
+                f"expected {len(self)} parameters ({', '.join(self.names)}), got {physical.shape[0] if physical.ndim else 0}"
+            )
         return physical / self.scale
 
     def project(self, raw):
@@ -169,8 +177,13 @@ class ParamTable:
             if not (lo <= v <= hi) or not np.isfinite(v)
         ]
         if bad:
-            raise ValueError(f"parameters out of bounds{' in ' + where if where else ''}: {'; '.join(bad)}")
+            raise ValueError(
+                f"parameters out of bounds{' in ' + where if where else ''}: {'; '.join(bad)}"
+            )
 
     def as_dict(self, raw) -> dict[str, float]:
         """Physical values by name."""
-        return {n: float(v) for n, v in zip(self.names, np.asarray(self.to_physical(np.asarray(raw))), strict=True)}
+        return {
+            n: float(v)
+            for n, v in zip(self.names, np.asarray(self.to_physical(np.asarray(raw))), strict=True)
+        }

@@ -77,7 +77,9 @@ class Stage:
             raise ValueError("HI layers need the stellar map: use forward(pos, raw, star=...)")
         for i in range(cfg.n_layers):
             a, g, kh, kl, nu = (p[n] for n in dm_layer_names(i))
-            pos = layers.displacement_layer(pm, pos, a, g, kh, kl, nu, cfg.green_kind, cfg.gradient_order)
+            pos = layers.displacement_layer(
+                pm, pos, a, g, kh, kl, nu, cfg.green_kind, cfg.gradient_order
+            )
         return pos
 
     def forward(self, pos, raw, star=None):

@@ -43,6 +43,8 @@ def hi_transform(pm: ParticleMesh, one_plus_delta, star, p: dict):
     """
     zs = p.get("zs", 0.0)
     filtered = pm.apply_fourier(star, filter_OI(pm, p["kIh"], p["kIl"], p["nuI"], p["xi"]))
-    depletion = jax.nn.relu(p["beta1"] * filtered + p["eta"]) + p["beta2"] * (star + EPS) ** p["gamma3"]
+    depletion = (
+        jax.nn.relu(p["beta1"] * filtered + p["eta"]) + p["beta2"] * (star + EPS) ** p["gamma3"]
+    )
     base = jax.nn.relu(one_plus_delta + zs) + EPS
     return jax.nn.relu(p["w"] * base ** p["mu"] - depletion - p["b"])

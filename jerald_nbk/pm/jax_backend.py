@@ -20,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from . import fourier
 from .base import ParticleMesh
@@ -163,6 +164,16 @@ def _readout_vjp_pos_impl(mesh, pos, g, cfg: CICConfig):
 # Differentiable operations.
 
 
+# The VJPs use symbolic zeros: the forward rule learns which inputs carry a derivative
+# (``.perturbed``) and the backward rule skips the kernels whose cotangent nobody needs. In a JERALD
+# layer the input positions are constants of the parameters, so the position cotangents of the
+# first readout would otherwise cost a full kernel pass for nothing.
+
+
+def _zero_if(flag, make):
+    return make() if flag else None
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def cic_paint(pos, w, cfg: CICConfig):
     """Paint (N, C) weights at (N, 3) positions onto an (Nx, Ny, Nz, C) mesh."""
@@ -170,18 +181,24 @@ def cic_paint(pos, w, cfg: CICConfig):
 
 
 def _cic_paint_fwd(pos, w, cfg):
-    return _paint_impl(pos, w, cfg), (pos, w)
+    out = _paint_impl(pos.value, w.value, cfg)
+    return out, (pos.value, w.value, pos.perturbed, w.perturbed)
 
 
 def _cic_paint_bwd(cfg, res, ct):
     # Weights: the cotangent mesh read out at the particles (paint is linear in w).
     # Positions: w_p times the gradient of the cotangent mesh interpolated at x_p.
-    pos, w = res
+    pos, w, d_pos, d_w = res
+    if isinstance(ct, SymbolicZero):
+        return None, None
     ct = ct.astype(pos.dtype)
-    return _readout_vjp_pos_impl(ct, pos, w, cfg), _readout_impl(ct, pos, cfg)
+    return (
+        _zero_if(d_pos, lambda: _readout_vjp_pos_impl(ct, pos, w, cfg)),
+        _zero_if(d_w, lambda: _readout_impl(ct, pos, cfg)),
+    )
 
 
-cic_paint.defvjp(_cic_paint_fwd, _cic_paint_bwd)
+cic_paint.defvjp(_cic_paint_fwd, _cic_paint_bwd, symbolic_zeros=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -191,18 +208,24 @@ def cic_readout(mesh, pos, cfg: CICConfig):
 
 
 def _cic_readout_fwd(mesh, pos, cfg):
-    return _readout_impl(mesh, pos, cfg), (mesh, pos)
+    out = _readout_impl(mesh.value, pos.value, cfg)
+    return out, (mesh.value, pos.value, mesh.perturbed, pos.perturbed)
 
 
 def _cic_readout_bwd(cfg, res, ct):
     # Mesh: the cotangents painted back at the particles (paint is readout's adjoint).
     # Positions: the cotangent-weighted gradient of the interpolated mesh.
-    mesh, pos = res
+    mesh, pos, d_mesh, d_pos = res
+    if isinstance(ct, SymbolicZero):
+        return None, None
     ct = ct.astype(pos.dtype)
-    return _paint_impl(pos, ct, cfg), _readout_vjp_pos_impl(mesh, pos, ct, cfg)
+    return (
+        _zero_if(d_mesh, lambda: _paint_impl(pos, ct, cfg)),
+        _zero_if(d_pos, lambda: _readout_vjp_pos_impl(mesh, pos, ct, cfg)),
+    )
 
 
-cic_readout.defvjp(_cic_readout_fwd, _cic_readout_bwd)
+cic_readout.defvjp(_cic_readout_fwd, _cic_readout_bwd, symbolic_zeros=True)
 
 
 class JaxPM(ParticleMesh):
@@ -234,7 +257,9 @@ class JaxPM(ParticleMesh):
             kernel = "cpp" if jax.default_backend() == "cpu" and _register_ffi() else "jax"
         elif kernel == "cpp":
             if not _register_ffi():
-                raise RuntimeError("kernel='cpp' needs the C++ extension jerald_nbk._cic (make install)")
+                raise RuntimeError(
+                    "kernel='cpp' needs the C++ extension jerald_nbk._cic (make install)"
+                )
             if jax.default_backend() != "cpu":
                 raise RuntimeError(
                     f"kernel='cpp' runs on the CPU only; the default JAX device is "
@@ -245,7 +270,9 @@ class JaxPM(ParticleMesh):
         self.kernel = kernel
         scale = tuple(float(n / b) for n, b in zip(self.Nmesh, self.BoxSize, strict=True))
         self._cfg = CICConfig(self.Nmesh, scale, kernel, int(chunk))
-        self._kvec = tuple(jnp.asarray(k) for k in fourier.kvectors(self.Nmesh, self.BoxSize, self.dtype))
+        self._kvec = tuple(
+            jnp.asarray(k) for k in fourier.kvectors(self.Nmesh, self.BoxSize, self.dtype)
+        )
 
     def kvec(self):
         return self._kvec

@@ -212,7 +212,11 @@ def train(
             start, raw_np, opt_state, best = _load_checkpoint(ckpt, opt_state)
             raw = jnp.asarray(raw_np, dtype=dtype)
             if metrics.exists():  # drop records past the checkpoint: they will be recomputed
-                kept = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] < start]
+                kept = [
+                    ln
+                    for ln in metrics.read_text().splitlines()
+                    if ln and json.loads(ln)["step"] < start
+                ]
                 history = [json.loads(ln) for ln in kept]
                 if is_root(comm):
                     with atomic_write(metrics, "w") as fh:
@@ -240,7 +244,12 @@ def train(
             since_best += 1
         updates, opt_state = opt.update(g, opt_state, raw)
         raw = stage.table.project(optax.apply_updates(raw, updates))
-        rec = {"step": step, "lr": float(schedule(step)), **losses, "seconds": time.perf_counter() - t0}
+        rec = {
+            "step": step,
+            "lr": float(schedule(step)),
+            **losses,
+            "seconds": time.perf_counter() - t0,
+        }
         history.append(rec)
         if metrics is not None and is_root(comm):
             with open(metrics, "a") as fh:
@@ -248,10 +257,18 @@ def train(
         if log is not None:
             log(rec)
         if bar is not None:
-            bar.set_postfix(train=f"{losses['train']:.4g}", val=f"{losses['validation']:.4g}", lr=f"{rec['lr']:.4f}")
+            bar.set_postfix(
+                train=f"{losses['train']:.4g}",
+                val=f"{losses['validation']:.4g}",
+                lr=f"{rec['lr']:.4f}",
+            )
             bar.update(1)
         done = step + 1
-        if ckpt is not None and config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
+        if (
+            ckpt is not None
+            and config.checkpoint_every
+            and (done % config.checkpoint_every == 0 or done == config.steps)
+        ):
             _save_checkpoint(ckpt, done, raw, opt_state, best, comm)
         if config.patience is not None and since_best >= config.patience:
             stopped = True
@@ -261,7 +278,9 @@ def train(
     final = objective.losses(raw)
     if final["validation"] < best["losses"]["validation"]:
         best = {"raw": np.asarray(raw), "step": len(history), "losses": final}
-    return TrainResult(np.asarray(raw), np.asarray(best["raw"]), best["step"], best["losses"], history, stopped)
+    return TrainResult(
+        np.asarray(raw), np.asarray(best["raw"]), best["step"], best["losses"], history, stopped
+    )
 
 
 def _progress(config: TrainConfig, start: int, comm):
@@ -269,4 +288,11 @@ def _progress(config: TrainConfig, start: int, comm):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=config.steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=config.steps,
+        initial=start,
+        desc="train",
+        unit="step",
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )

@@ -28,7 +28,9 @@ def check_target(target, pm, kind: str, where: str = "target") -> None:
     local = _local_real_shape(pm)
     shape = tuple(np.shape(target))
     if shape != local:
-        raise ValueError(f"{where}: map has shape {shape}, expected the mesh's {local} (Nmesh {pm.Nmesh})")
+        raise ValueError(
+            f"{where}: map has shape {shape}, expected the mesh's {local} (Nmesh {pm.Nmesh})"
+        )
     a = np.asarray(target)
     nonfinite = int(a.size - np.count_nonzero(np.isfinite(a)))
     negative = int(np.count_nonzero(a < 0))
@@ -40,7 +42,9 @@ def check_target(target, pm, kind: str, where: str = "target") -> None:
         raise ValueError(f"{where}: {kind} map has {negative} negative cells; it must be >= 0")
 
 
-def check_same_box(a_attrs: dict, a_name: str, b_attrs: dict, b_name: str, rtol: float = 1e-6) -> None:
+def check_same_box(
+    a_attrs: dict, a_name: str, b_attrs: dict, b_name: str, rtol: float = 1e-6
+) -> None:
     """BoxSize (and Nmesh where both have it) of two inputs must agree."""
     for key in ("BoxSize", "Nmesh"):
         if key in a_attrs and key in b_attrs:
