@@ -9,5 +9,17 @@ Importing this package does not import nbodykit (slow); bigfile is imported when
 
 from .catalogs import rank_range, read_catalog, write_catalog
 from .meshes import read_mesh, sidecar_path, write_mesh
+from .snapshots import SnapshotError, make_target, snapshot_files, write_target
 
-__all__ = ["read_mesh", "write_mesh", "sidecar_path", "read_catalog", "write_catalog", "rank_range"]
+__all__ = [
+    "read_mesh",
+    "write_mesh",
+    "sidecar_path",
+    "read_catalog",
+    "write_catalog",
+    "rank_range",
+    "make_target",
+    "write_target",
+    "snapshot_files",
+    "SnapshotError",
+]
