@@ -1,0 +1,1 @@
+"""Command-line tools: jerald, jerald-ldl, jerald-ref."""

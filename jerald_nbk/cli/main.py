@@ -1,0 +1,595 @@
+"""``jerald``: the command line of jerald-nbk.
+
+Subcommands (``jerald <command> --help`` for each):
+
+* ``demo``         build the demo suite, train DM -> stellar -> HI, paint, report (the README's job)
+* ``suite``        build a reference suite (FastPM inputs + high-resolution truth maps)
+* ``train``        train one stage (dm, stellar or hi) on a catalog and a target map
+* ``paint``        paint DM / stellar / HI maps of a catalog with trained parameter files
+* ``power``        power spectra, cross power and r(k) of maps, with a plot
+* ``report``       figures of merit, plots and a Markdown report of maps against references
+* ``make-target``  target maps from Gadget/AREPO/IllustrisTNG HDF5 snapshots
+* ``info``         versions and engines, or what a file holds
+
+Every command accepts ``--config FILE`` (JSON or TOML; keys are the long option names with
+dashes or underscores) whose values are defaults that flags override. Under ``mpiexec -n N`` the
+commands run on the pmesh engine, each rank reading its share of the particles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EPILOG = "Run `jerald <command> --help` for a command's options. Docs: README.md."
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="JSON or TOML file of option defaults (flags override)")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "jax", "pmesh"],
+        default="auto",
+        help="engine (auto: JAX on 1 rank, pmesh under mpiexec)",
+    )
+    p.add_argument(
+        "--dtype", choices=["f4", "f8"], default="f4", help="float32 (default) or float64"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_training(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (defaults: the paper's)")
+    g.add_argument("--steps", type=int, default=500, help="Adam steps (default 500)")
+    g.add_argument("--eta0", type=float, default=0.002, help="initial learning rate (eq 16)")
+    g.add_argument("--eta-final", type=float, default=0.02, help="final learning rate (eq 16)")
+    g.add_argument("--tau", type=float, default=100.0, help="schedule time scale in steps (eq 16)")
+    g.add_argument(
+        "--loss", choices=["L1", "L2", "auto"], default="auto", help="auto: L2 for dm, L1 otherwise"
+    )
+    g.add_argument(
+        "--smoothing-n", type=float, default=0.0, help="eq-11 smoothing exponent n (0: off)"
+    )
+    g.add_argument(
+        "--split", choices=["paper", "ldl"], default="paper", help="train/validation/test regions"
+    )
+    g.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
+    g.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="early stopping after this many steps without a better validation loss",
+    )
+    g.add_argument(
+        "--no-resume", action="store_true", help="start afresh even if a checkpoint exists"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="jerald",
+        description="JERALD for nbodykit: learned displacement layers that turn FastPM particles into hydro-like DM, stellar-mass and HI maps.",
+        epilog=EPILOG,
+    )
+    ap.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = ap.add_subparsers(dest="command", metavar="command")
+
+    p = sub.add_parser(
+        "demo",
+        help="end-to-end demo on the embedded default",
+        description="Build the demo suite (64^3 particles, 40 Mpc/h), train DM -> stellar -> HI at one redshift, paint the maps and write a report with power spectra, r(k), slices and training curves.",
+    )
+    _add_common(p)
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument(
+        "--size", default="demo", choices=["smoke", "demo", "bench", "paper"], help="suite size"
+    )
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--redshift", type=float, default=2.0)
+    p.add_argument("--steps", type=int, default=200, help="Adam steps per stage")
+    p.add_argument("--layers", type=int, default=2, help="displacement layers per stage")
+
+    p = sub.add_parser(
+        "suite",
+        help="build a reference suite",
+        description="FastPM inputs and high-resolution truth maps (DM, stellar mass, HI) from the same phases; see docs/reference-suite.md.",
+    )
+    _add_common(p)
+    p.add_argument("--size", default="smoke", choices=["smoke", "demo", "bench", "paper"])
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--redshifts", default="5,2,0", help="comma-separated output redshifts")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--force", action="store_true", help="rebuild even if a matching suite exists")
+
+    p = sub.add_parser(
+        "train",
+        help="train one stage",
+        description="Train the dm, stellar or hi stage on a particle catalog and a target map. Stellar and HI start from the DM-improved particles (--dm-params); HI also needs the trained stellar stage (--stellar-params).",
+    )
+    _add_common(p)
+    p.add_argument("--target", required=True, choices=["dm", "stellar", "hi"])
+    p.add_argument(
+        "--particles", required=True, help="FastPM/nbodykit bigfile catalog with Position (Mpc/h)"
+    )
+    p.add_argument(
+        "--dataset",
+        default="1",
+        help="catalog dataset holding Position ('1' for FastPM; '' for top level)",
+    )
+    p.add_argument("--target-map", required=True, help="target mesh (bigfile 'Field' or .npy)")
+    p.add_argument(
+        "--target-scale",
+        type=float,
+        default=1.0,
+        help="divide the target by this (e.g. the HI redshift constant)",
+    )
+    p.add_argument("--dm-params", help="trained DM parameter file (stellar, hi)")
+    p.add_argument("--stellar-params", help="trained stellar parameter file (hi)")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--gradient-order", default="6", choices=["4", "6", "exact"])
+    p.add_argument(
+        "--hi-shift", action="store_true", help="HI: fit the shift zs inside eq 13's power"
+    )
+    p.add_argument("--redshift", type=float, default=None, help="recorded in the parameter file")
+    p.add_argument(
+        "--out", required=True, help="output directory (params.json, metrics.jsonl, checkpoint.npz)"
+    )
+    _add_training(p)
+
+    p = sub.add_parser(
+        "paint",
+        help="paint maps with trained parameters",
+        description="Paint the DM (1+delta of the improved particles), stellar-mass and HI maps of a catalog and write them as bigfile meshes (and the improved particles as a catalog).",
+    )
+    _add_common(p)
+    p.add_argument("--particles", required=True)
+    p.add_argument("--dataset", default="1")
+    p.add_argument(
+        "--dm-params", help="DM parameter file (without it, the input particles are used)"
+    )
+    p.add_argument("--stellar-params")
+    p.add_argument("--hi-params")
+    p.add_argument("--Nmesh", type=int, help="default: from the parameter files")
+    p.add_argument("--box-size", type=float, help="default: from the catalog")
+    p.add_argument(
+        "--save-particles", action="store_true", help="also write the DM-improved catalog"
+    )
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser(
+        "power",
+        help="power spectra and r(k)",
+        description="P(k) of one map, or of several against the first (cross power, ratio, r(k)), as JSON and a PNG.",
+    )
+    p.add_argument(
+        "maps", nargs="+", help="mesh files; the first is the reference when several are given"
+    )
+    p.add_argument("--labels", help="comma-separated labels")
+    p.add_argument(
+        "--dk", type=float, default=None, help="bin width in h/Mpc (default 2 pi / BoxSize)"
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--config")
+
+    p = sub.add_parser(
+        "report",
+        help="fidelity report of maps against references",
+        description="Figures of merit (k where |P/P_ref - 1| <= 0.1, 0.3; k where r >= 0.9, 0.7), power and slice plots, and report.md.",
+    )
+    p.add_argument(
+        "--pred", action="append", required=True, help="LABEL=MAP: a predicted map (repeatable)"
+    )
+    p.add_argument("--ref", required=True, help="reference map")
+    p.add_argument("--title", default="JERALD fidelity report")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config")
+
+    p = sub.add_parser(
+        "make-target",
+        help="target maps from hydro snapshots",
+        description="CIC maps (dm, stellar, gas, nHI, ne, T) from Gadget/AREPO/IllustrisTNG HDF5 snapshots (one or many files), with units converted to Mpc/h.",
+    )
+    p.add_argument("snapshots", nargs="+", help="HDF5 snapshot file(s)")
+    p.add_argument("--field", required=True, choices=["dm", "stellar", "gas", "nHI", "ne", "T"])
+    p.add_argument("--Nmesh", type=int, required=True)
+    p.add_argument("--units", default="auto", choices=["auto", "kpc/h", "Mpc/h"])
+    p.add_argument("--out", required=True, help="output mesh (bigfile directory or .npy)")
+    p.add_argument("--config")
+
+    p = sub.add_parser("info", help="versions, engines, or a file's contents")
+    p.add_argument("path", nargs="?", help="a parameter file, mesh or catalog")
+    p.add_argument("--config")
+    return ap
+
+
+def _load_config(path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"jerald: config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            cfg = tomllib.loads(text)
+        else:
+            cfg = json.loads(text)
+    except Exception as err:  # noqa: BLE001 - any parse error becomes one clear message
+        raise SystemExit(f"jerald: config file {path}: cannot parse ({err})") from None
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"jerald: config file {path}: expected a table of options")
+    return {k.replace("-", "_"): v for k, v in cfg.items()}
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """Parse arguments, applying ``--config`` file values as defaults of the chosen command."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if getattr(args, "config", None):
+        cfg = _load_config(args.config)
+        sub = ap._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001
+        known = {a.dest for a in sub._actions}  # noqa: SLF001
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise SystemExit(
+                f"jerald {args.command}: config file {args.config}: unknown options {unknown}"
+            )
+        sub.set_defaults(**cfg)
+        args = ap.parse_args(argv)
+    return args
+
+
+def _train_config(args):
+    from ..train.loop import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps,
+        eta0=args.eta0,
+        eta_final=args.eta_final,
+        tau=args.tau,
+        loss_p=None if args.loss == "auto" else int(args.loss[1]),
+        smoothing_n=args.smoothing_n,
+        split=args.split,
+        checkpoint_every=args.checkpoint_every,
+        patience=args.patience,
+        progress=not args.quiet,
+    )
+
+
+def cmd_train(args) -> int:
+    from .. import workflow as wf
+    from ..io import read_mesh
+
+    _, mattrs = read_mesh(args.target_map)
+    nmesh = tuple(int(n) for n in mattrs["Nmesh"])
+    box = wf.box_of(mattrs, args.target_map)
+    pm = wf.engine(nmesh, box, args.dtype, args.backend)
+    pos, cattrs = wf.read_particles(args.particles, pm, args.dataset or None)
+    target_map, _ = wf.read_map(args.target_map, pm, args.target_scale)
+    star = None
+    if args.target in ("stellar", "hi"):
+        if not args.dm_params:
+            print(
+                "jerald train: no --dm-params: the stellar/HI stage starts from the raw input particles",
+                file=sys.stderr,
+            )
+        else:
+            dm, raw = wf.load_stage(args.dm_params, pm, "dm")
+            pos = dm.displace(pos, raw)
+    if args.target == "hi":
+        if not args.stellar_params:
+            raise SystemExit(
+                "jerald train --target hi needs --stellar-params (the frozen stellar stage)"
+            )
+        st, raw = wf.load_stage(args.stellar_params, pm, "stellar")
+        star = st.forward(pos, raw)
+    order = args.gradient_order if args.gradient_order == "exact" else int(args.gradient_order)
+    prov = {
+        "particles": str(args.particles),
+        "target_map": str(args.target_map),
+        "target_scale": args.target_scale,
+        "redshift": args.redshift if args.redshift is not None else cattrs.get("redshift"),
+        "dm_params": args.dm_params,
+        "stellar_params": args.stellar_params,
+        "command": " ".join(sys.argv),
+    }
+    run = wf.train_stage(
+        pm,
+        args.target,
+        pos,
+        target_map,
+        args.out,
+        args.layers,
+        _train_config(args),
+        order,
+        args.hi_shift,
+        star=star,
+        provenance=prov,
+        resume=not args.no_resume,
+    )
+    if pm.comm is None or pm.comm.rank == 0:
+        r = run.result
+        print(
+            f"[jerald] {args.target}: best validation loss {r.best_losses['validation']:.6g} at step {r.best_step}; "
+            f"test loss {r.best_losses['test']:.6g}"
+        )
+        print(f"[jerald] parameters: {run.params_path}")
+    return 0
+
+
+def cmd_paint(args) -> int:
+    from .. import workflow as wf
+    from ..io import write_catalog, write_mesh
+    from ..io.paramfiles import load_params
+
+    files = [f for f in (args.dm_params, args.stellar_params, args.hi_params) if f]
+    if not files:
+        raise SystemExit(
+            "jerald paint: give at least one of --dm-params, --stellar-params, --hi-params"
+        )
+    prov = load_params(files[0])[2]
+    nmesh = args.Nmesh or prov.get("Nmesh")
+    if nmesh is None:
+        raise SystemExit(f"jerald paint: {files[0]} records no Nmesh; pass --Nmesh")
+    from ..io import read_catalog
+
+    _, cattrs = read_catalog(args.particles, columns=(), dataset=args.dataset or None)
+    box = args.box_size or (cattrs.get("BoxSize") if "BoxSize" in cattrs else prov.get("BoxSize"))
+    if box is None:
+        raise SystemExit(
+            f"jerald paint: no BoxSize in {args.particles} or {files[0]}; pass --box-size"
+        )
+    pm = wf.engine(nmesh, box, args.dtype, args.backend)
+    pos, _ = wf.read_particles(args.particles, pm, args.dataset or None)
+    pipe = wf.pipeline_from_files(pm, args.dm_params, args.stellar_params, args.hi_params)
+    if pipe.dm is None:
+        pipe_maps = {}
+        x = pos
+    else:
+        x = pipe.improve(pos)
+        pipe_maps = {"dm": pm.density(x)}
+    if pipe.stellar is not None:
+        pipe_maps["stellar"] = pipe.stellar[0].forward(x, pipe.stellar[1])
+    if pipe.hi is not None:
+        if "stellar" not in pipe_maps:
+            raise SystemExit("jerald paint: --hi-params needs --stellar-params")
+        pipe_maps["hi"] = pipe.hi[0].forward(x, pipe.hi[1], star=pipe_maps["stellar"])
+    out = Path(args.out)
+    attrs = {
+        "particles": str(args.particles),
+        "dm_params": args.dm_params,
+        "stellar_params": args.stellar_params,
+        "hi_params": args.hi_params,
+    }
+    for name, local in pipe_maps.items():
+        full = wf.to_global(pm, local)
+        if pm.comm is None or pm.comm.rank == 0:
+            write_mesh(out / name, full, pm.BoxSize, attrs | {"map": name})
+            print(f"[jerald] {name} map: {out / name}")
+    if args.save_particles:
+        import numpy as np
+
+        write_catalog(
+            out / "improved",
+            {"Position": np.asarray(x)},
+            attrs | {"BoxSize": pm.BoxSize},
+            comm=pm.comm,
+        )
+        if pm.comm is None or pm.comm.rank == 0:
+            print(f"[jerald] improved particles: {out / 'improved'}")
+    return 0
+
+
+def cmd_power(args) -> int:
+    from ..analysis.metrics import figures_of_merit
+    from ..analysis.plots import plot_power_comparison
+    from ..analysis.power import power_spectrum
+    from ..io import read_mesh
+    from ..utils import atomic_write
+
+    labels = args.labels.split(",") if args.labels else [Path(m).name for m in args.maps]
+    if len(labels) != len(args.maps):
+        raise SystemExit(f"jerald power: {len(labels)} labels for {len(args.maps)} maps")
+    out = Path(args.out)
+    maps = [read_mesh(m) for m in args.maps]
+    ref, rattrs = maps[0]
+    box = rattrs["BoxSize"]
+    doc = {}
+    if len(maps) == 1:
+        res = power_spectrum(ref, box, dk=args.dk)
+        doc[labels[0]] = res.to_dict()
+    else:
+        results = {}
+        for label, (m, _attrs) in zip(labels[1:], maps[1:], strict=True):
+            if m.shape != ref.shape:
+                raise SystemExit(
+                    f"jerald power: {label} has Nmesh {m.shape}, reference {labels[0]} {ref.shape}"
+                )
+            fom = figures_of_merit(m, ref, box, dk=args.dk)
+            results[label] = fom
+            doc[label] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in fom.items()}
+        plot_power_comparison(out / "power.png", results, title=f"against {labels[0]}")
+        print(f"[jerald] plot: {out / 'power.png'}")
+    with atomic_write(out / "power.json") as fh:
+        json.dump(doc, fh, indent=1)
+    print(f"[jerald] spectra: {out / 'power.json'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ..analysis.metrics import figures_of_merit
+    from ..analysis.plots import plot_power_comparison, plot_slices
+    from ..analysis.report import fom_table, write_report
+    from ..io import read_mesh
+
+    ref, rattrs = read_mesh(args.ref)
+    box = rattrs["BoxSize"]
+    out = Path(args.out)
+    results, figs = {}, []
+    for item in args.pred:
+        if "=" not in item:
+            raise SystemExit(f"jerald report: --pred expects LABEL=MAP, got {item!r}")
+        label, path = item.split("=", 1)
+        m, _ = read_mesh(path, BoxSize=box, Nmesh=ref.shape)
+        results[label] = figures_of_merit(m, ref, box)
+        figs.append(
+            (
+                f"{label} slices",
+                plot_slices(out / f"slices_{label}.png", ref, m, box, labels=("reference", label)),
+            )
+        )
+    figs.insert(0, ("power spectra and r(k)", plot_power_comparison(out / "power.png", results)))
+    path = write_report(
+        out / "report.md",
+        [{"title": "Figures of merit (h/Mpc)", "table": fom_table(results), "figures": figs}],
+        title=args.title,
+        provenance={
+            "reference": args.ref,
+            "predictions": ", ".join(args.pred),
+            "command": " ".join(sys.argv),
+        },
+    )
+    print(f"[jerald] report: {path}")
+    return 0
+
+
+def cmd_make_target(args) -> int:
+    from ..io import write_mesh
+    from ..io.snapshots import make_target
+
+    arr, attrs = make_target(args.snapshots, args.field, args.Nmesh, units=args.units)
+    if arr is not None:
+        write_mesh(args.out, arr, attrs["BoxSize"], attrs)
+        print(f"[jerald] {args.field} map ({args.Nmesh}^3): {args.out}")
+    return 0
+
+
+def cmd_suite(args) -> int:
+    from ..suite.build import build_suite
+
+    zs = [float(z) for z in args.redshifts.split(",") if z]
+    paths = build_suite(
+        args.out, args.size, args.seed, zs, progress=not args.quiet, force=args.force
+    )
+    if paths:
+        print(f"[jerald] suite: {paths.get('manifest', args.out)}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    if args.path is None:
+        import importlib.metadata as md
+
+        from .. import __version__
+        from ..pm.jax_backend import _cic, num_threads
+
+        print(f"jerald-nbk {__version__}")
+        for pkg in ("jax", "jaxlib", "optax", "pmesh", "nbodykit", "mpi4py", "bigfile", "numpy"):
+            try:
+                print(f"  {pkg:10s} {md.version(pkg)}")
+            except md.PackageNotFoundError:
+                print(f"  {pkg:10s} not installed")
+        import jax
+
+        print(
+            f"  JAX device: {jax.default_backend()}; C++ CIC kernels: {'built' if _cic else 'missing'}, {num_threads()} threads"
+        )
+        return 0
+    path = Path(args.path)
+    if path.suffix == ".json":
+        from ..io.paramfiles import load_params
+
+        cfg, raw, prov = load_params(path)
+        from ..model.params import ParamTable, table
+
+        tab = ParamTable(table(cfg.target, cfg.n_layers, cfg.hi_shift))
+        print(
+            f"{path}: {cfg.target} stage, {cfg.n_layers} layers, gradient order {cfg.gradient_order}"
+        )
+        for n, v in tab.as_dict(raw).items():
+            print(f"  {n:10s} {v: .6g}")
+        for k in ("BoxSize", "Nmesh", "redshift", "losses", "steps", "package_version"):
+            if k in prov:
+                print(f"  [{k}] {prov[k]}")
+        return 0
+    if (path / "Field").exists() or path.suffix == ".npy":
+        from ..io import read_mesh
+
+        arr, attrs = read_mesh(path)
+        print(
+            f"{path}: mesh {arr.shape} {arr.dtype}, mean {arr.mean():.6g}, min {arr.min():.6g}, max {arr.max():.6g}"
+        )
+        for k, v in attrs.items():
+            print(f"  {k}: {v}")
+        return 0
+    from ..io import read_catalog
+
+    for ds in ("1", None):
+        try:
+            cols, attrs = read_catalog(path, columns=(), dataset=ds)
+        except (ValueError, FileNotFoundError):
+            continue
+        print(f"{path}: catalog (dataset {ds or 'top level'})")
+        for k, v in attrs.items():
+            print(f"  {k}: {v}")
+        return 0
+    raise SystemExit(f"jerald info: {path} is not a parameter file, mesh or catalog")
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    report = run_demo(
+        args.out,
+        size=args.size,
+        seed=args.seed,
+        redshift=args.redshift,
+        steps=args.steps,
+        layers=args.layers,
+        dtype=args.dtype,
+        progress=not args.quiet,
+    )
+    if report is not None:
+        print(f"[jerald] demo report: {report}")
+    return 0
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "suite": cmd_suite,
+    "train": cmd_train,
+    "paint": cmd_paint,
+    "power": cmd_power,
+    "report": cmd_report,
+    "make-target": cmd_make_target,
+    "info": cmd_info,
+}
+
+
+def main(argv=None) -> int:
+    """Entry point of ``jerald``."""
+    args = parse(argv)
+    if args.version:
+        from .. import __version__
+
+        print(__version__)
+        return 0
+    if not args.command:
+        build_parser().print_help()
+        return 2
+    t0 = time.perf_counter()
+    try:
+        rc = COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"jerald {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    if not getattr(args, "quiet", False) and args.command not in ("info",):
+        print(f"[jerald] {args.command} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
