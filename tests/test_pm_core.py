@@ -233,3 +233,9 @@ def test_bad_inputs():
         JaxPM(8, -1.0)
     with pytest.raises(ValueError, match="kernel"):
         JaxPM(8, 1.0, kernel="gpu")
+
+
+def test_readout_gradient_checks_the_mesh_shape():
+    pm = JaxPM(8, 10.0)
+    with pytest.raises(ValueError, match="Nmesh"):
+        pm.readout_gradient(np.zeros((4, 8, 8)), np.zeros((5, 3)))

@@ -314,7 +314,10 @@ class JaxPM(ParticleMesh):
 
     def readout_gradient(self, mesh, pos):
         pos = self._as_pos(pos)
-        mesh = jnp.asarray(mesh).astype(self.dtype)[..., None]
+        mesh = jnp.asarray(mesh).astype(self.dtype)
+        if mesh.shape != self.Nmesh:
+            raise ValueError(f"mesh shape {mesh.shape} != Nmesh {self.Nmesh} (one channel)")
+        mesh = mesh[..., None]
         ones = jnp.ones((pos.shape[0], 1), self.dtype)
         return _readout_vjp_pos_impl(mesh, pos, ones, self._cfg)
 
