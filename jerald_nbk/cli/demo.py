@@ -25,7 +25,7 @@ def run_demo(
     seed: int = 42,
     redshift: float = 2.0,
     steps: int = 200,
-    layers: int = 2,
+    layers: int | None = None,
     dtype: str = "f4",
     progress: bool = True,
     comm=None,
@@ -37,7 +37,6 @@ def run_demo(
     from ..analysis.report import fom_table, write_report
     from ..io import write_mesh
     from ..suite.build import build_suite, ztag
-    from ..train.loop import TrainConfig
 
     comm = comm or wf.default_comm()
     root = is_root(comm)
@@ -66,64 +65,14 @@ def run_demo(
     pos, _ = wf.read_particles(fastpm, pm)
     targets = {t: wf.read_map(p, pm)[0] for t, p in truths.items()}
 
-    # the paper's per-target settings: L2 for DM, L1 with eq-11 smoothing n = 1 for stellar mass
-    # (z <= 2), L1 for HI (n = 1 only at z = 5)
-    cfg = {
-        "dm": TrainConfig(steps=steps, progress=progress),
-        "stellar": TrainConfig(
-            steps=steps, progress=progress, smoothing_n=1.0 if redshift <= 2 else 0.7
-        ),
-        "hi": TrainConfig(
-            steps=steps, progress=progress, smoothing_n=1.0 if redshift >= 5 else 0.0
-        ),
-    }
-    runs = {}
     t1 = time.perf_counter()
-    say(f"2/4 training DM ({layers} layers, {steps} steps)")
-    runs["dm"] = wf.train_stage(
-        pm,
-        "dm",
-        pos,
-        targets["dm"],
-        out / "train_dm",
-        layers,
-        cfg["dm"],
-        provenance={"redshift": redshift},
-    )
-    improved = runs["dm"].stage.displace(pos, runs["dm"].result.best_raw)
-    say(f"   training stellar mass ({layers} layers)")
-    runs["stellar"] = wf.train_stage(
-        pm,
-        "stellar",
-        improved,
-        targets["stellar"],
-        out / "train_stellar",
-        layers,
-        cfg["stellar"],
-        provenance={"redshift": redshift},
-    )
-    star = runs["stellar"].stage.forward(improved, runs["stellar"].result.best_raw)
-    say(f"   training HI ({layers} layers, frozen stellar map)")
-    runs["hi"] = wf.train_stage(
-        pm,
-        "hi",
-        improved,
-        targets["hi"],
-        out / "train_hi",
-        layers,
-        cfg["hi"],
-        star=star,
-        provenance={"redshift": redshift},
-    )
+    say(f"2/4 training DM -> stellar mass -> HI ({steps} steps each, the paper's settings)")
+    trained = wf.train_pipeline(pm, pos, targets, out, redshift, steps, layers, progress)
+    runs = trained.runs
     times["training"] = time.perf_counter() - t1
 
     say("3/4 painting maps")
-    maps = {
-        "dm": pm.density(improved),
-        "stellar": star,
-        "hi": runs["hi"].stage.forward(improved, runs["hi"].result.best_raw, star=star),
-        "fastpm_dm": pm.density(pos),
-    }
+    maps = trained.maps | {"fastpm_dm": pm.density(pos)}
     maps = {k: wf.to_global(pm, v) for k, v in maps.items()}
     truth_np = {k: wf.to_global(pm, v) for k, v in targets.items()}
     if not root:

@@ -1,0 +1,259 @@
+"""Fidelity benchmark (issue 6): figures of merit per target and redshift at bench size, the
+FastPM-only DM baseline, and generalisation to an unseen seed with the parameters trained on the
+first.
+
+    python -m benchmarks.fidelity [--size bench] [--redshifts 2,0,5] [--seed 42] [--unseen-seed 1042]
+                                  [--steps 300] [--out runs/fidelity]
+
+Writes ``benchmarks/results/fidelity.json`` (after every redshift, so a partial run keeps what it
+measured) and ``<out>/report.md`` with the plots. Goals (issue 6, at bench size, z = 2) are checked
+and reported as met or missed; nothing is hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+FOMS = ("k_10pct", "k_30pct", "k_r09", "k_r07")
+
+
+def _scalars(fom: dict, extra_tols=(0.2,)) -> dict:
+    from jerald_nbk.analysis.metrics import k_within
+
+    out = {k: float(fom[k]) for k in FOMS}
+    for tol in extra_tols:
+        out[f"k_{int(tol * 100)}pct"] = float(k_within(fom["k"], fom["ratio"], tol))
+    return out
+
+
+def _bin_value(fom: dict, key: str, k0: float) -> float:
+    """Value of ``fom[key]`` in the bin nearest ``k0``."""
+    k = np.asarray(fom["k"])
+    return float(np.asarray(fom[key])[np.nanargmin(np.abs(k - k0))])
+
+
+def goals_z2(train: dict, unseen: dict) -> list[dict]:
+    """The issue's goals at z = 2, each with what was reached."""
+    g = []
+    dm, fp = train["dm"]["JERALD"], train["dm"]["FastPM"]
+    g.append(
+        {
+            "goal": "DM: k(|P/Pref-1|>0.1) >= 3x FastPM's",
+            "reached": dm["k_10pct"] / max(fp["k_10pct"], 1e-9),
+            "target": 3.0,
+        }
+    )
+    g.append(
+        {
+            "goal": "stellar: within 20% to k = 3 h/Mpc",
+            "reached": train["stellar"]["JERALD"]["k_20pct"],
+            "target": 3.0,
+        }
+    )
+    g.append(
+        {
+            "goal": "HI: within 10% to k = 1 h/Mpc",
+            "reached": train["hi"]["JERALD"]["k_10pct"],
+            "target": 1.0,
+        }
+    )
+    g.append(
+        {
+            "goal": "HI: within 30% to k = 5 h/Mpc",
+            "reached": train["hi"]["JERALD"]["k_30pct"],
+            "target": 5.0,
+        }
+    )
+    for t in ("dm", "stellar", "hi"):
+        g.append(
+            {
+                "goal": f"{t}: r >= 0.9 to k = 1 h/Mpc",
+                "reached": train[t]["JERALD"]["k_r09"],
+                "target": 1.0,
+            }
+        )
+    worst = 0.0
+    for t in ("dm", "stellar", "hi"):
+        for k in FOMS:
+            a, b = train[t]["JERALD"][k], unseen[t]["JERALD"][k]
+            if a > 0:
+                worst = max(worst, abs(b - a) / a)
+    g.append(
+        {
+            "goal": "unseen seed: every figure within 10% of the training seed's",
+            "reached": worst,
+            "target": 0.1,
+            "lower_is_better": True,
+        }
+    )
+    for x in g:
+        x["met"] = (
+            bool(x["reached"] <= x["target"])
+            if x.get("lower_is_better")
+            else bool(x["reached"] >= x["target"])
+        )
+    return g
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--size", default="bench", choices=["smoke", "demo", "bench", "paper"])
+    ap.add_argument("--redshifts", default="2,0,5")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--unseen-seed", type=int, default=1042)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--out", default="runs/fidelity")
+    ap.add_argument("--json", default=str(RESULTS / "fidelity.json"))
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+
+    from jerald_nbk import workflow as wf
+    from jerald_nbk.analysis.metrics import figures_of_merit
+    from jerald_nbk.analysis.plots import plot_power_comparison
+    from jerald_nbk.analysis.report import fom_table, write_report
+    from jerald_nbk.suite.build import build_suite, ztag
+    from jerald_nbk.utils import atomic_write
+
+    zs = [float(z) for z in args.redshifts.split(",") if z]
+    out = Path(args.out)
+    progress = not args.quiet
+    t0 = time.perf_counter()
+    print(
+        f"[fidelity] suites ({args.size}) for seeds {args.seed} and {args.unseen_seed}", flush=True
+    )
+    suite_a = build_suite(
+        out / f"suite_seed{args.seed}", args.size, args.seed, zs, progress=progress
+    )
+    suite_b = build_suite(
+        out / f"suite_seed{args.unseen_seed}", args.size, args.unseen_seed, zs, progress=progress
+    )
+    doc = {
+        "size": args.size,
+        "seed": args.seed,
+        "unseen_seed": args.unseen_seed,
+        "steps": args.steps,
+        "redshifts": {},
+    }
+    sections = []
+    for z in zs:
+        tag = ztag(z)
+        print(f"[fidelity] z = {z:g}: training DM -> stellar -> HI on seed {args.seed}", flush=True)
+        truth_path = suite_a[f"truth_dm_z{tag}"]
+        from jerald_nbk.io import read_mesh
+
+        _, attrs = read_mesh(truth_path)
+        pm = wf.engine(tuple(int(n) for n in attrs["Nmesh"]), attrs["BoxSize"])
+        box = pm.BoxSize
+
+        def load(suite, pm=pm, tag=tag):
+            pos, _ = wf.read_particles(suite[f"fastpm_z{tag}"], pm)
+            truth = {
+                t: wf.read_map(suite[f"truth_{t}_z{tag}"], pm)[0] for t in ("dm", "stellar", "hi")
+            }
+            return pos, truth
+
+        pos_a, truth_a = load(suite_a)
+        t1 = time.perf_counter()
+        trained = wf.train_pipeline(
+            pm, pos_a, truth_a, out / f"z{tag}", z, args.steps, progress=progress
+        )
+        t_train = time.perf_counter() - t1
+        pos_b, truth_b = load(suite_b)
+        maps_b = wf.apply_pipeline(trained.runs, pos_b)
+        res = {"train_seed": {}, "unseen_seed": {}}
+        figs = []
+        for t in ("dm", "stellar", "hi"):
+            fa = {
+                "JERALD": figures_of_merit(np.asarray(trained.maps[t]), np.asarray(truth_a[t]), box)
+            }
+            fb = {"JERALD": figures_of_merit(np.asarray(maps_b[t]), np.asarray(truth_b[t]), box)}
+            if t == "dm":
+                fa["FastPM"] = figures_of_merit(
+                    np.asarray(pm.density(pos_a)), np.asarray(truth_a[t]), box
+                )
+                fb["FastPM"] = figures_of_merit(
+                    np.asarray(pm.density(pos_b)), np.asarray(truth_b[t]), box
+                )
+            figs.append(
+                (
+                    f"{t}, training seed",
+                    plot_power_comparison(
+                        out / f"z{tag}" / f"power_{t}.png",
+                        fa,
+                        title=f"{t}, z = {z:g}, seed {args.seed}",
+                    ),
+                )
+            )
+            figs.append(
+                (
+                    f"{t}, unseen seed",
+                    plot_power_comparison(
+                        out / f"z{tag}" / f"power_{t}_unseen.png",
+                        fb,
+                        title=f"{t}, z = {z:g}, unseen seed {args.unseen_seed}",
+                    ),
+                )
+            )
+            res["train_seed"][t] = {lab: _scalars(v) for lab, v in fa.items()}
+            res["unseen_seed"][t] = {lab: _scalars(v) for lab, v in fb.items()}
+            res["train_seed"][t]["losses"] = trained.runs[t].result.best_losses
+        res["seconds_training"] = t_train
+        if abs(z - 2.0) < 1e-9:
+            res["goals"] = goals_z2(res["train_seed"], res["unseen_seed"])
+        doc["redshifts"][tag] = res
+        doc["seconds_total"] = time.perf_counter() - t0
+        with atomic_write(args.json) as fh:
+            json.dump(doc, fh, indent=1)
+        tables = [
+            fom_table(
+                {
+                    f"{t} {lab}": v
+                    for t, d in res["train_seed"].items()
+                    for lab, v in d.items()
+                    if lab != "losses"
+                }
+            ),
+            fom_table(
+                {
+                    f"{t} {lab} (unseen)": v
+                    for t, d in res["unseen_seed"].items()
+                    for lab, v in d.items()
+                }
+            ),
+        ]
+        if "goals" in res:
+            tables.append(
+                {
+                    "columns": ["goal", "reached", "target", "met"],
+                    "rows": [
+                        [g["goal"], g["reached"], g["target"], "yes" if g["met"] else "NO"]
+                        for g in res["goals"]
+                    ],
+                }
+            )
+        sections.append({"title": f"z = {z:g}", "tables": tables, "figures": figs})
+        write_report(
+            out / "report.md",
+            sections,
+            title=f"JERALD fidelity ({args.size})",
+            provenance={
+                "seeds": f"{args.seed} (training), {args.unseen_seed} (unseen)",
+                "steps per stage": args.steps,
+                "json": args.json,
+            },
+        )
+        print(f"[fidelity] z = {z:g} done; {args.json}, {out / 'report.md'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
