@@ -131,7 +131,6 @@ def train_stage(
     ``params_final.json``, ``metrics.jsonl``, ``checkpoint.npz`` and ``training.png``.
     """
     cfg = train_config or TrainConfig()
-    outdir = Path(outdir)
     w_init = 1.0
     if target in ("stellar", "hi"):
         # model.md starts w at the mean target per particle; per *cell* is what makes eq 8 (mu=1,
@@ -139,13 +138,36 @@ def train_stage(
         # on an N^3 mesh, the paper's setting.
         w_init = max(float(pm.sum(target_map)) / pm.ncells, 1e-5)
     stage = Stage(pm, StageConfig(target, n_layers, gradient_order, hi_shift, green), w_init=w_init)
+    return fit_stage(
+        stage, pos, target_map, outdir, cfg, star=star, provenance=provenance, resume=resume
+    )
+
+
+def fit_stage(
+    stage: Stage,
+    pos,
+    target_map,
+    outdir,
+    train_config: TrainConfig,
+    raw0=None,
+    star=None,
+    provenance: dict | None = None,
+    resume: bool = True,
+) -> StageRun:
+    """Train a given stage from ``raw0`` (default: its table's initial values) and write the run.
+
+    Writes ``params.json`` (best by validation), ``params_final.json``, ``metrics.jsonl``,
+    ``checkpoint.npz`` and ``training.png`` to ``outdir``. The inputs are checked before anything
+    is written.
+    """
+    pm, cfg, outdir = stage.pm, train_config, Path(outdir)
     obj = Objective(stage, pos, target_map, cfg, star=star)
-    res = train(obj, cfg, workdir=outdir, resume=resume)
+    res = train(obj, cfg, raw0=raw0, workdir=outdir, resume=resume)
     prov = {
         "BoxSize": pm.BoxSize.tolist(),
         "Nmesh": list(pm.Nmesh),
-        "target": target,
-        "layers": n_layers,
+        "target": stage.config.target,
+        "layers": stage.config.n_layers,
         "smoothing_n": cfg.smoothing_n,
         "steps": len(res.history),
         "best_step": res.best_step,
@@ -161,7 +183,9 @@ def train_stage(
     if is_root(pm.comm) and res.history:
         from .analysis.plots import plot_training_curves
 
-        plot_training_curves(outdir / "training.png", res.history, title=f"{target} stage")
+        plot_training_curves(
+            outdir / "training.png", res.history, title=f"{stage.config.target} stage"
+        )
     return StageRun(res, path, outdir, stage)
 
 

@@ -130,7 +130,19 @@ fi
 VPIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
 "${VPIP[@]}" install --upgrade "pip>=24" setuptools wheel >/dev/null
 say "installing the stack and jerald_nbk (editable, with its C++ extension)"
-"${VPIP[@]}" install --find-links "$WH" "numpy==$(pin numpy)" "pybind11==$(pin pybind11)" setuptools wheel
+# Every pinned requirement first (from the wheelhouse where we built it): the editable build of
+# the C++ extension runs without isolation and needs JAX's XLA FFI headers and pybind11 in place.
+mapfile -t REQS < <("$PY" - "$ROOT/setup.cfg" <<'PYEOF'
+import configparser, sys
+cfg = configparser.ConfigParser()
+cfg.read(sys.argv[1])
+for section, key in (("options", "install_requires"), ("options.extras_require", "test"), ("options.extras_require", "dev")):
+    for line in cfg[section][key].splitlines():
+        if line.strip():
+            print(line.strip())
+PYEOF
+)
+"${VPIP[@]}" install --find-links "$WH" setuptools wheel "${REQS[@]}"
 "${VPIP[@]}" install --find-links "$WH" --no-build-isolation -e "$ROOT[test,dev]"
 
 # --- 4. smoke check ---------------------------------------------------------------------------

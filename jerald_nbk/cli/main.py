@@ -224,22 +224,39 @@ def _load_config(path) -> dict:
     return {k.replace("-", "_"): v for k, v in cfg.items()}
 
 
+def _config_arg(argv) -> str | None:
+    """The value of ``--config`` in ``argv`` (``--config X`` or ``--config=X``), if any."""
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def parse(argv=None) -> argparse.Namespace:
-    """Parse arguments, applying ``--config`` file values as defaults of the chosen command."""
+    """Parse arguments, applying ``--config`` file values as defaults of the chosen command.
+
+    Config values count as given: an option that is required on the command line (``--particles``,
+    ``--out``, ...) may come from the config file instead; flags override config values.
+    """
     ap = build_parser()
-    args = ap.parse_args(argv)
-    if getattr(args, "config", None):
-        cfg = _load_config(args.config)
-        sub = ap._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg_path = _config_arg(argv)
+    choices = ap._subparsers._group_actions[0].choices  # noqa: SLF001
+    command = next((a for a in argv if a in choices), None)
+    if cfg_path and command is not None:
+        cfg = _load_config(cfg_path)
+        sub = choices[command]
         known = {a.dest for a in sub._actions}  # noqa: SLF001
         unknown = sorted(set(cfg) - known)
         if unknown:
-            raise SystemExit(
-                f"jerald {args.command}: config file {args.config}: unknown options {unknown}"
-            )
+            raise SystemExit(f"jerald {command}: config file {cfg_path}: unknown options {unknown}")
+        for action in sub._actions:  # noqa: SLF001
+            if action.dest in cfg:
+                action.required = False
         sub.set_defaults(**cfg)
-        args = ap.parse_args(argv)
-    return args
+    return ap.parse_args(argv)
 
 
 def _train_config(args):
@@ -262,6 +279,7 @@ def _train_config(args):
 def cmd_train(args) -> int:
     from .. import workflow as wf
     from ..io import read_mesh
+    from ..train.validate import check_particles, check_target
 
     _, mattrs = read_mesh(args.target_map)
     nmesh = tuple(int(n) for n in mattrs["Nmesh"])
@@ -269,6 +287,8 @@ def cmd_train(args) -> int:
     pm = wf.engine(nmesh, box, args.dtype, args.backend)
     pos, cattrs = wf.read_particles(args.particles, pm, args.dataset or None)
     target_map, _ = wf.read_map(args.target_map, pm, args.target_scale)
+    check_particles(pos, pm, f"catalog {args.particles}: Position")
+    check_target(target_map, pm, args.target, f"map {args.target_map}")
     star = None
     if args.target in ("stellar", "hi"):
         if not args.dm_params:
@@ -335,15 +355,23 @@ def cmd_paint(args) -> int:
     if nmesh is None:
         raise SystemExit(f"jerald paint: {files[0]} records no Nmesh; pass --Nmesh")
     from ..io import read_catalog
+    from .ldl import positions_from_columns
 
-    _, cattrs = read_catalog(args.particles, columns=(), dataset=args.dataset or None)
+    # read this rank's particles once: the header gives the default BoxSize
+    comm = wf.default_comm()
+    cols, cattrs = read_catalog(
+        args.particles,
+        columns=("Position",),
+        dataset=args.dataset or None,
+        comm=comm if comm.size > 1 else None,
+    )
     box = args.box_size or (cattrs.get("BoxSize") if "BoxSize" in cattrs else prov.get("BoxSize"))
     if box is None:
         raise SystemExit(
             f"jerald paint: no BoxSize in {args.particles} or {files[0]}; pass --box-size"
         )
     pm = wf.engine(nmesh, box, args.dtype, args.backend)
-    pos, _ = wf.read_particles(args.particles, pm, args.dataset or None)
+    pos = positions_from_columns(cols.pop("Position"), cattrs, pm, args.particles)
     pipe = wf.pipeline_from_files(pm, args.dm_params, args.stellar_params, args.hi_params)
     if pipe.dm is None:
         pipe_maps = {}
@@ -529,10 +557,10 @@ def cmd_info(args) -> int:
 
     for ds in ("1", None):
         try:
-            cols, attrs = read_catalog(path, columns=(), dataset=ds)
+            cols, attrs = read_catalog(path, columns=("Position",), dataset=ds)
         except (ValueError, FileNotFoundError):
             continue
-        print(f"{path}: catalog (dataset {ds or 'top level'})")
+        print(f"{path}: catalog (dataset {ds or 'top level'}), {len(cols['Position'])} particles")
         for k, v in attrs.items():
             print(f"  {k}: {v}")
         return 0
@@ -583,7 +611,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         rc = COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as err:
         print(f"jerald {args.command}: error: {err}", file=sys.stderr)
         return 1
     if not getattr(args, "quiet", False) and args.command not in ("info",):

@@ -1,0 +1,360 @@
+"""``jerald-ref``: the JERALD reference script's command line (Rigo, Trotta & Viel) on jerald-nbk.
+
+It accepts the reference script's options and file names and drives the same engine as ``jerald``
+(:mod:`jerald_nbk.workflow`): JAX on one process, pmesh under ``mpiexec``.
+
+JERALD semantics: eq-7 Green's function for DM, eq 6 for stellar mass and HI, 6th-order Fourier
+gradient, the paper's split, Adam with the eq-16 schedule. Differences from the reference script:
+``--steps`` (default 500; the script hard-coded 10); the HI normalisation constant is
+``--target-scale`` (default: the script's 4e-13, 4e-11, 1e-8 at z = 0, 2, 5; any redshift works
+when it is given); ``--n`` defaults to the paper's value for the target and redshift; evaluation
+accepts any parameter file whose length fits the target (layers inferred; the script rejected
+valid HI files); the test loss is reported.
+
+Files in ``--outpath`` (``STEM = {target}_Nmesh{N}_Nstep{S}_n{n:.2f}``, the script's names):
+
+* ``STEM_bestparam.txt``: best-by-validation raw parameter vector (``np.savetxt``, the JERALD
+  plain-text flavour: our parameter table's order and scalings), and ``STEM_bestparam.json``
+  (jerald-nbk's self-describing JSON, usable with ``jerald paint`` / ``jerald info``);
+* ``STEM_map``: the predicted map (bigfile mesh, dataset ``Field``; ``.npy`` with
+  ``--map-format npy``). HI maps are multiplied back by ``--target-scale`` (the units of
+  ``--refpath``);
+* ``STEM_train/``: the training run, ``checkpoint.npz`` (parameters, Adam state, step, best so
+  far), ``metrics.jsonl``, ``params.json``, ``training.png``. This is the optimiser state that
+  ``--optpath`` resumes from (the script's ``_optstate.txt`` format is not read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .ldl import (
+    UsageError,
+    add_engine_options,
+    fmt_losses,
+    load_plain_or_json,
+    mesh_of,
+    positions_from_columns,
+    read_target,
+    region_losses,
+    run_command,
+    say,
+    train_config,
+    write_map,
+)
+
+PROG = "jerald-ref"
+STAGE = {"dm": "dm", "Mstar": "stellar", "HI": "hi"}
+#: the reference script's HI normalisation constants and initial shifts zs, by redshift
+HI_SCALE = {0.0: 4e-13, 2.0: 4e-11, 5.0: 1e-8}
+HI_SHIFT0 = {0.0: 0.0, 2.0: -1e-3, 5.0: -0.04}
+
+
+def _by_z(table: dict, z):
+    if z is None:
+        return None
+    for zz, v in table.items():
+        if abs(zz - z) < 1e-6:
+            return v
+    return None
+
+
+def paper_smoothing(target: str, z) -> float:
+    """The paper's smoothing exponent n: stellar 1 (0.7 at z = 5), HI 1 at z = 5 (else 0), DM 0."""
+    at5 = z is not None and abs(z - 5.0) < 1e-6
+    if target == "Mstar":
+        return 0.7 if at5 else 1.0
+    if target == "HI":
+        return 1.0 if at5 else 0.0
+    return 0.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog=PROG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "JERALD with the reference script's options and file names, on the jerald-nbk "
+            "engine. Optimiser: Adam with the paper's eq-16 schedule (--steps, default 500; "
+            "the reference script hard-coded 10 steps)."
+        ),
+        epilog=(
+            "Outputs in --outpath: {target}_Nmesh{N}_Nstep{S}_n{n:.2f}_bestparam.txt (JERALD plain "
+            "text) and _bestparam.json (jerald JSON), _map (the predicted map), _train/ (checkpoint "
+            "and metrics; pass it to --optpath to resume). Details: jerald_nbk.cli.ref's docstring."
+        ),
+    )
+    ap.add_argument("--target", choices=list(STAGE), default="dm", help="target field")
+    ap.add_argument("--Nbodypath", required=True, help="N-body (FastPM) particle catalog")
+    ap.add_argument(
+        "--improvepath",
+        help="DM parameter file (JERALD plain text or jerald JSON) that improves the particles",
+    )
+    ap.add_argument("--refpath", help="reference (target) map: bigfile mesh or .npy")
+    ap.add_argument(
+        "--Mstarpath",
+        help="HI: the stellar-mass map (bigfile mesh or .npy, as the reference script reads) or "
+        "the trained stellar parameter file (.txt / .json), run on the improved particles",
+    )
+    ap.add_argument("--Nmesh", type=int, help="mesh resolution (default: the reference map's)")
+    ap.add_argument("--BoxSize", type=float, help="box size, Mpc/h (default: the catalog's)")
+    ap.add_argument(
+        "--Nstep",
+        type=int,
+        default=None,
+        help="displacement layers (default 2; with --evalpath, inferred from the file)",
+    )
+    ap.add_argument(
+        "--n",
+        type=float,
+        default=None,
+        help="smoothing exponent (default: the paper's; Mstar 1, 0.7 at z=5; HI 1 at z=5; else 0)",
+    )
+    ap.add_argument("--outpath", required=True, help="output directory")
+    ap.add_argument(
+        "--optpath",
+        help="resume: a training directory (STEM_train/) or its checkpoint.npz; or a parameter "
+        "file (.txt / .json) to start from",
+    )
+    ap.add_argument(
+        "--evalpath", help="no training: evaluate this parameter file (write the map, losses)"
+    )
+    ap.add_argument("--redshift", type=float, help="redshift (HI scaling, paper defaults)")
+    ap.add_argument("--steps", type=int, default=500, help="Adam steps (default 500)")
+    ap.add_argument(
+        "--target-scale",
+        type=float,
+        help="HI: divide the reference map by this (default by --redshift: 4e-13, 4e-11, 1e-8 "
+        "at z = 0, 2, 5)",
+    )
+    ap.add_argument(
+        "--no-hi-shift",
+        action="store_true",
+        help="HI: no shift zs inside eq 13's power (the script always fits it)",
+    )
+    add_engine_options(ap)
+    return ap
+
+
+def _is_mesh(path) -> bool:
+    p = Path(path)
+    return p.suffix == ".npy" or p.is_dir()
+
+
+def _checkpoint_of(optpath) -> Path | None:
+    """The checkpoint file an --optpath names, or None when it names a parameter file."""
+    p = Path(optpath)
+    if p.is_dir():
+        ck = p / "checkpoint.npz"
+        if not ck.exists():
+            raise FileNotFoundError(f"--optpath {p}: no checkpoint.npz in this directory")
+        return ck
+    if p.suffix == ".npz":
+        if not p.exists():
+            raise FileNotFoundError(f"checkpoint {p} does not exist")
+        return p
+    return None
+
+
+def _check_checkpoint(path: Path, n_params: int) -> None:
+    try:
+        with np.load(path) as z:
+            shape = tuple(z["raw"].shape)
+    except (OSError, KeyError, ValueError) as err:
+        raise ValueError(f"checkpoint {path}: not a jerald-nbk checkpoint ({err})") from None
+    if shape != (n_params,):
+        raise ValueError(
+            f"checkpoint {path}: {shape[0] if shape else 0} parameters, the model has {n_params} "
+            "(different target, --Nstep or HI shift?)"
+        )
+
+
+def cmd_ref(args) -> int:
+    """Run ``jerald-ref`` (train or evaluate one target); see the module docstring."""
+    from .. import workflow as wf
+    from ..io import read_catalog
+    from ..io.paramfiles import save_params, save_plaintext
+    from ..model.pipeline import Stage, StageConfig
+    from ..utils import is_root
+
+    t, st = args.target, STAGE[args.target]
+    if not args.evalpath and not args.refpath:
+        raise UsageError("training needs the reference map: --refpath MAP (or --evalpath FILE)")
+    if t == "HI" and not args.Mstarpath:
+        raise UsageError("--target HI needs --Mstarpath (stellar-mass map or parameter file)")
+    if args.evalpath and args.optpath:
+        raise UsageError("--evalpath and --optpath exclude each other")
+
+    # mesh and box: options, else the reference map (Nmesh) and the catalog (BoxSize)
+    from .ldl import detect_dataset
+
+    # the catalog is read once (this rank's share): its header gives the default BoxSize
+    comm = wf.default_comm()
+    ds = detect_dataset(args.Nbodypath, args.dataset)
+    cols, cattrs = read_catalog(
+        args.Nbodypath, ("Position",), dataset=ds, comm=comm if comm.size > 1 else None
+    )
+    nmesh = box = None
+    if args.refpath:
+        nmesh, mbox = mesh_of(args.refpath)
+        box = mbox
+        if args.Nmesh is not None and (args.Nmesh,) * 3 != nmesh:
+            raise ValueError(f"map {args.refpath}: Nmesh {list(nmesh)} != --Nmesh {args.Nmesh}")
+    elif args.Nmesh is not None:
+        nmesh = (args.Nmesh,) * 3
+    else:
+        raise UsageError("no --refpath: pass --Nmesh")
+    if args.BoxSize is not None:
+        box = args.BoxSize
+    elif "BoxSize" in cattrs:
+        box = cattrs["BoxSize"]
+    elif box is None:
+        raise UsageError(f"catalog {args.Nbodypath} records no BoxSize: pass --BoxSize")
+    pm = wf.engine(nmesh, box, args.dtype, args.backend)
+    z = args.redshift if args.redshift is not None else cattrs.get("redshift")
+    z = None if z is None else float(z)
+    n = args.n if args.n is not None else paper_smoothing(t, z)
+    scale = 1.0
+    if t == "HI":
+        scale = args.target_scale or _by_z(HI_SCALE, z)
+        if scale is None:
+            if not args.evalpath:
+                raise UsageError(
+                    f"HI at redshift {z}: no default normalisation; pass --target-scale "
+                    "(the reference divides by 4e-13, 4e-11, 1e-8 at z = 0, 2, 5)"
+                )
+            scale = 1.0
+
+    # parameter files first: a bad one fails before anything is read in bulk or written
+    order = 6
+    evaluated = start = None
+    if args.evalpath:
+        evaluated = load_plain_or_json(args.evalpath, st, "jerald", pm, order, nstep=args.Nstep)
+    elif args.optpath and _checkpoint_of(args.optpath) is None:
+        start = load_plain_or_json(args.optpath, st, "jerald", pm, order, nstep=args.Nstep)
+    improve = (
+        load_plain_or_json(args.improvepath, "dm", "jerald", pm, order)
+        if args.improvepath
+        else None
+    )
+    star_stage = None
+    if t == "HI" and not _is_mesh(args.Mstarpath):
+        star_stage = load_plain_or_json(args.Mstarpath, "stellar", "jerald", pm, order)
+
+    if evaluated is not None:
+        config = evaluated[0].config
+    elif start is not None:
+        config = start[0].config
+    else:
+        shift = t == "HI" and not args.no_hi_shift
+        config = StageConfig(st, args.Nstep or 2, order, shift)
+    nstep = config.n_layers
+
+    # inputs
+    pos = positions_from_columns(cols["Position"], cattrs, pm, args.Nbodypath)
+    del cols
+    if improve is not None:
+        say(pm, f"[{PROG}] improving the particles with {args.improvepath}")
+        pos = improve[0].displace(pos, improve[1])
+    star = None
+    if t == "HI":
+        if star_stage is not None:
+            star = star_stage[0].forward(pos, star_stage[1])
+        else:
+            star, _ = read_target(args.Mstarpath, pm, "stellar")
+    target = None
+    if args.refpath:
+        target, _ = read_target(args.refpath, pm, "dm" if t == "dm" else t, scale)
+
+    w_init = 1.0
+    if st != "dm" and target is not None:
+        w_init = max(float(pm.sum(target)) / pm.ncells, 1e-5)
+    stage = Stage(pm, config, w_init=w_init)
+    cfg = train_config(args, n, "paper")
+    out = Path(args.outpath)
+    stem = f"{t}_Nmesh{nmesh[0]}_Nstep{nstep}_n{n:.2f}"
+    prov = {
+        "command": " ".join([PROG, *sys.argv[1:]]),
+        "Nbodypath": str(args.Nbodypath),
+        "improvepath": args.improvepath,
+        "refpath": args.refpath,
+        "Mstarpath": args.Mstarpath,
+        "redshift": z,
+        "target_scale": scale,
+    }
+
+    if evaluated is not None:
+        raw = evaluated[1]
+        if target is not None:
+            losses = region_losses(pm, stage, pos, target, cfg, raw, star=star)
+            say(pm, f"[{PROG}] {t} losses of {args.evalpath}: {fmt_losses(losses)}")
+        source = str(args.evalpath)
+    else:
+        workdir = out / f"{stem}_train"
+        raw0, resume = None, False
+        if start is not None:
+            raw0 = start[1]
+        elif args.optpath:
+            ck = _checkpoint_of(args.optpath)
+            _check_checkpoint(ck, stage.n_params())
+            resume = True
+            dest = workdir / "checkpoint.npz"
+            if is_root(pm.comm) and ck.resolve() != dest.resolve():
+                workdir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(ck, dest)
+                src_metrics = ck.parent / "metrics.jsonl"
+                if src_metrics.exists():
+                    shutil.copyfile(src_metrics, workdir / "metrics.jsonl")
+            if pm.comm is not None:
+                pm.comm.Barrier()
+        elif config.hi_shift:
+            raw0 = stage.table.init_raw()
+            raw0[stage.table.index["zs"]] = _by_z(HI_SHIFT0, z) or 0.0
+        say(pm, f"[{PROG}] training {t} ({nstep} layers, {args.steps} Adam steps) -> {workdir}")
+        res = wf.fit_stage(
+            stage, pos, target, workdir, cfg, raw0, star=star, provenance=prov, resume=resume
+        ).result
+        raw = res.best_raw
+        say(
+            pm,
+            f"[{PROG}] best validation loss at step {res.best_step}: {fmt_losses(res.best_losses)}",
+        )
+        txt, js = out / f"{stem}_bestparam.txt", out / f"{stem}_bestparam.json"
+        record = prov | {
+            "BoxSize": pm.BoxSize.tolist(),
+            "Nmesh": list(pm.Nmesh),
+            "target": st,
+            "layers": nstep,
+            "smoothing_n": n,
+            "steps": len(res.history),
+            "best_step": res.best_step,
+            "losses": res.best_losses,
+        }
+        if is_root(pm.comm):
+            save_plaintext(txt, config, raw, flavour="jerald")
+        save_params(js, config, raw, record, comm=pm.comm)
+        say(pm, f"[{PROG}] parameters: {txt} and {js}")
+        source = str(txt)
+
+    pred = stage.forward(pos, raw, star=star) * (scale if t == "HI" else 1.0)
+    attrs = {"target": t, "parameters": source, "redshift": z}
+    if t == "HI":
+        attrs["target_scale"] = scale
+    mpath = write_map(pm, pred, out / f"{stem}_map", attrs, args.map_format)
+    say(pm, f"[{PROG}] map: {mpath}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of ``jerald-ref``."""
+    args = build_parser().parse_args(argv)
+    return run_command(PROG, cmd_ref, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
