@@ -17,17 +17,16 @@ Importing this module imports nbodykit (slow); ``import jerald_nbk`` does not im
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 from nbodykit.base.catalog import CatalogSource
 from nbodykit.base.mesh import MeshSource
+
+from .utils import atomic_dir
 
 __all__ = ["JeraldCatalog", "JeraldMesh"]
 
@@ -172,41 +171,6 @@ def _local_positions(source, dtype) -> np.ndarray:
     if pos.ndim != 2 or pos.shape[1] != 3:
         raise ValueError(f"input catalog Position has shape {pos.shape}, expected (N, 3)")
     return pos
-
-
-@contextlib.contextmanager
-def _atomic_dir_mpi(path, comm):
-    """:func:`jerald_nbk.utils.atomic_dir` for collective writers (every rank enters).
-
-    Rank 0 creates the temporary directory and, once every rank has left the block without error,
-    renames it onto ``path``; on any rank's error it is removed and ``path`` is left untouched.
-    """
-    from mpi4py import MPI
-
-    path = Path(path)
-    tmp = None
-    if comm.rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(comm.bcast(tmp, root=0))
-    ok = False
-    try:
-        yield tmp
-        ok = True
-    finally:
-        ok = comm.allreduce(ok, op=MPI.LAND)
-        if comm.rank == 0:
-            if ok:
-                if path.exists():
-                    old = path.with_name(f".{path.name}.old")
-                    os.replace(path, old)
-                    os.replace(tmp, path)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(tmp, path)
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-        comm.barrier()
 
 
 def _provenance_attrs(engine, stages: dict) -> dict:
@@ -358,7 +322,7 @@ class JeraldCatalog(CatalogSource):
 
     def save(self, output, *args, **kwargs):
         """``CatalogSource.save`` into a temporary directory renamed onto ``output`` at the end."""
-        with _atomic_dir_mpi(output, self.comm) as tmp:
+        with atomic_dir(output, self.comm) as tmp:
             CatalogSource.save(self, str(tmp), *args, **kwargs)
 
 
@@ -532,7 +496,7 @@ class JeraldMesh(MeshSource):
 
     def save(self, output, dataset="Field", mode="real"):
         """``MeshSource.save`` (a bigfile readable by ``BigFileMesh``), written atomically."""
-        with _atomic_dir_mpi(output, self.comm) as tmp:
+        with atomic_dir(output, self.comm) as tmp:
             MeshSource.save(self, str(tmp), dataset=dataset, mode=mode)
 
 

@@ -35,29 +35,57 @@ def atomic_write(path, mode: str = "w"):
         raise
 
 
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Move a finished directory onto ``path``, replacing any previous one."""
+    import shutil
+
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
 @contextlib.contextmanager
-def atomic_dir(path):
+def atomic_dir(path, comm=None):
     """Build a directory under a temporary name; rename it onto ``path`` on success.
 
     For multi-file outputs (bigfile meshes and catalogs): an existing ``path`` is replaced only once
-    the new one is complete.
+    the new one is complete. With an MPI ``comm`` every rank enters the block (collective writers):
+    rank 0 creates the temporary directory and renames it once every rank has left the block
+    without error; after an error on any rank it is removed and ``path`` is left untouched.
     """
+    import shutil
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    if comm is None or comm.size == 1:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            yield tmp
+            _replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return
+    from mpi4py import MPI
+
+    tmp = None
+    if comm.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(comm.bcast(tmp, root=0))
+    ok = False
     try:
         yield tmp
-        if path.exists():
-            import shutil
-
-            old = path.with_name(f".{path.name}.old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        ok = True
+    finally:
+        ok = comm.allreduce(ok, op=MPI.LAND)
+        if comm.rank == 0:
+            if ok:
+                _replace_dir(tmp, path)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+        comm.barrier()

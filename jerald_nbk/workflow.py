@@ -270,11 +270,5 @@ def train_pipeline(
 
 def apply_pipeline(runs: dict, pos) -> dict:
     """Maps ``dm``, ``stellar``, ``hi`` (local meshes) of trained stages applied to particles."""
-    dm, st, hi = runs["dm"], runs["stellar"], runs["hi"]
-    improved = dm.stage.displace(pos, dm.result.best_raw)
-    star = st.stage.forward(improved, st.result.best_raw)
-    return {
-        "dm": dm.stage.pm.density(improved),
-        "stellar": star,
-        "hi": hi.stage.forward(improved, hi.result.best_raw, star=star),
-    }
+    pipe = Pipeline(**{t: (run.stage, run.result.best_raw) for t, run in runs.items()})
+    return pipe.maps(pos)

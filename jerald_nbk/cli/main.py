@@ -373,18 +373,8 @@ def cmd_paint(args) -> int:
     pm = wf.engine(nmesh, box, args.dtype, args.backend)
     pos = positions_from_columns(cols.pop("Position"), cattrs, pm, args.particles)
     pipe = wf.pipeline_from_files(pm, args.dm_params, args.stellar_params, args.hi_params)
-    if pipe.dm is None:
-        pipe_maps = {}
-        x = pos
-    else:
-        x = pipe.improve(pos)
-        pipe_maps = {"dm": pm.density(x)}
-    if pipe.stellar is not None:
-        pipe_maps["stellar"] = pipe.stellar[0].forward(x, pipe.stellar[1])
-    if pipe.hi is not None:
-        if "stellar" not in pipe_maps:
-            raise SystemExit("jerald paint: --hi-params needs --stellar-params")
-        pipe_maps["hi"] = pipe.hi[0].forward(x, pipe.hi[1], star=pipe_maps["stellar"])
+    x = pipe.improve(pos)
+    pipe_maps = pipe.maps(pos, improved=x)
     out = Path(args.out)
     attrs = {
         "particles": str(args.particles),

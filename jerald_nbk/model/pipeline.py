@@ -131,9 +131,12 @@ class Pipeline:
         stage, raw = self.dm
         return stage.displace(pos, raw)
 
-    def maps(self, pos) -> dict:
-        """All maps the pipeline can make from FastPM positions: ``dm``, ``stellar``, ``hi``."""
-        x = self.improve(pos)
+    def maps(self, pos, improved=None) -> dict:
+        """All maps the pipeline can make from FastPM positions: ``dm``, ``stellar``, ``hi``.
+
+        ``improved`` may pass the already computed :meth:`improve` of ``pos``.
+        """
+        x = self.improve(pos) if improved is None else improved
         out = {}
         if self.dm is not None:
             out["dm"] = self.dm[0].pm.density(x)
