@@ -8,6 +8,25 @@ import tempfile
 from pathlib import Path
 
 
+def json_safe(obj):
+    """``obj`` with numpy arrays and scalars as lists and floats, and NaN/inf as None (strict JSON)."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic) or (hasattr(obj, "item") and getattr(obj, "shape", None) == ()):
+        obj = obj.item()  # numpy and JAX scalars
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def is_root(comm=None) -> bool:
     """True on rank 0 of ``comm`` (always true without MPI)."""
     return comm is None or comm.rank == 0

@@ -90,7 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--redshift", type=float, default=2.0)
     p.add_argument("--steps", type=int, default=200, help="Adam steps per stage")
-    p.add_argument("--layers", type=int, default=2, help="displacement layers per stage")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="displacement layers per stage (default: the paper's, 2; 3 for stellar mass at z = 5)",
+    )
 
     p = sub.add_parser(
         "suite",
@@ -406,7 +411,7 @@ def cmd_power(args) -> int:
     from ..analysis.plots import plot_power_comparison
     from ..analysis.power import power_spectrum
     from ..io import read_mesh
-    from ..utils import atomic_write
+    from ..utils import atomic_write, json_safe
 
     labels = args.labels.split(",") if args.labels else [Path(m).name for m in args.maps]
     if len(labels) != len(args.maps):
@@ -432,7 +437,7 @@ def cmd_power(args) -> int:
         plot_power_comparison(out / "power.png", results, title=f"against {labels[0]}")
         print(f"[jerald] plot: {out / 'power.png'}")
     with atomic_write(out / "power.json") as fh:
-        json.dump(doc, fh, indent=1)
+        json.dump(json_safe(doc), fh, indent=1)
     print(f"[jerald] spectra: {out / 'power.json'}")
     return 0
 

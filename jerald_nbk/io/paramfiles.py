@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..model.params import ParamTable, table
-from ..utils import atomic_write
+from ..utils import atomic_write, json_safe
 
 FORMAT = "jerald-nbk-params"
 FORMAT_VERSION = 1
@@ -71,7 +71,7 @@ def save_params(path, config, raw, provenance: dict | None = None, comm=None) ->
         "provenance": {
             "package_version": __version__,
             "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            **_jsonable(provenance or {}),
+            **json_safe(provenance or {}),
         },
     }
     path = Path(path)
@@ -208,17 +208,3 @@ def _from_plain(tab: ParamTable, config, vec, flavour):
 
 def _finite_or_none(x: float):
     return float(x) if np.isfinite(x) else None
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if hasattr(obj, "item") and getattr(obj, "shape", None) == ():
-        return obj.item()
-    return obj
