@@ -14,6 +14,7 @@ Layout (the pipeline, in order):
 * :mod:`jerald_nbk.sources` - ``JeraldCatalog`` and ``JeraldMesh``, nbodykit sources;
 * :mod:`jerald_nbk.suite` - the reference suite; :mod:`jerald_nbk.cli` - the commands.
 
+The training loop is ``jerald_nbk.train.train`` (``jerald_nbk.train`` is the subpackage).
 ``JeraldCatalog``, ``JeraldMesh`` (nbodykit) and the engines load lazily, so ``import jerald_nbk``
 stays fast.
 """
@@ -30,7 +31,6 @@ _LAZY = {
     "StageConfig": ("jerald_nbk.model.pipeline", "StageConfig"),
     "Pipeline": ("jerald_nbk.model.pipeline", "Pipeline"),
     "TrainConfig": ("jerald_nbk.train.loop", "TrainConfig"),
-    "train": ("jerald_nbk.train.loop", "train"),
     "Objective": ("jerald_nbk.train.loop", "Objective"),
 }
 
