@@ -349,3 +349,14 @@ def test_bad_training_inputs(pm64, pos64):
         Objective(stage, pos64.at[3, 1].set(jnp.inf), good, cfg)
     with pytest.raises(ValueError, match="HI stage needs the frozen stellar map"):
         Objective(Stage(pm64, StageConfig("hi", 1)), pos64, good, cfg)
+
+
+@pytest.mark.parametrize("target,layers", [("dm", 2), ("stellar", 0), ("stellar", 1), ("hi", 0), ("hi", 1)])
+def test_precomputed_input_density_changes_nothing(target, layers, pm64, pos64):
+    # training paints the (parameter-independent) input particles once and passes the mesh in
+    stage = Stage(pm64, StageConfig(target, layers))
+    raw = raw_of(stage, **{"alpha_0" if target != "hi" else "alpha1_0": 0.02} if layers else {})
+    star = pm64.density(pos64) if target == "hi" else None
+    a = stage.forward(pos64, raw, star=star)
+    b = stage.forward(pos64, raw, star=star, density0=pm64.density(pos64))
+    np.testing.assert_array_equal(a, b)

@@ -57,7 +57,9 @@ def potential_displacement(pm: ParticleMesh, pos, phik, order=6):
     return pm.readout(jnp.stack(comps, axis=-1), pos)
 
 
-def displacement_layer(pm: ParticleMesh, pos, alpha, gamma, kh, kl, nu, green="dm", order=6):
+def displacement_layer(
+    pm: ParticleMesh, pos, alpha, gamma, kh, kl, nu, green="dm", order=6, density=None
+):
     """One layer, eq 1-2: returns the new positions ``x + alpha grad(G f(delta))(x)``.
 
     Parameters
@@ -72,13 +74,16 @@ def displacement_layer(pm: ParticleMesh, pos, alpha, gamma, kh, kl, nu, green="d
         Eq 7 (dark matter) or eq 6 (stellar mass, HI).
     order : {4, 6, "exact"}
         Finite-difference order of the gradient.
+    density : real mesh, optional
+        ``pm.density(pos)`` if already known (the first layer's input particles do not depend on
+        the parameters, so training paints them once instead of at every step).
     """
-    src = power_source(pm.density(pos), gamma)
+    src = power_source(pm.density(pos) if density is None else density, gamma)
     phik = pm.r2c(src) * GREENS[green](pm, kh, kl, nu)
     return pos + alpha * potential_displacement(pm, pos, phik, order)
 
 
-def hi_layer(pm: ParticleMesh, pos, star, p1, p2, order=6):
+def hi_layer(pm: ParticleMesh, pos, star, p1, p2, order=6, density=None):
     """HI displacement layer, eq 12, with the stellar-source term of opposite sign.
 
     ``S = alpha1 grad(G1 f1(delta)) - alpha2 grad(G2 f2(delta_star))``: ``alpha2 > 0`` pushes gas
@@ -91,9 +96,12 @@ def hi_layer(pm: ParticleMesh, pos, star, p1, p2, order=6):
         ``1 + delta_star``: the frozen stellar map, floored and divided by its mean.
     p1, p2 : tuples (alpha, gamma, kh, kl, nu)
         Physical parameters of the DM-source and stellar-source terms.
+    density : real mesh, optional
+        ``pm.density(pos)`` if already known (see :func:`displacement_layer`).
     """
     a1, g1, kh1, kl1, nu1 = p1
     a2, g2, kh2, kl2, nu2 = p2
-    phik = a1 * pm.r2c(power_source(pm.density(pos), g1)) * green_sm(pm, kh1, kl1, nu1)
+    rho = pm.density(pos) if density is None else density
+    phik = a1 * pm.r2c(power_source(rho, g1)) * green_sm(pm, kh1, kl1, nu1)
     phik = phik - a2 * pm.r2c(power_source(star, g2)) * green_sm(pm, kh2, kl2, nu2)
     return pos + potential_displacement(pm, pos, phik, order)

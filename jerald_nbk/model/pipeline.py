@@ -69,8 +69,11 @@ class Stage:
     def _phys(self, raw):
         return dict(zip(self.table.names, self.table.to_physical(raw), strict=True))
 
-    def displace(self, pos, raw):
-        """Positions after this stage's displacement layers."""
+    def displace(self, pos, raw, density0=None):
+        """Positions after this stage's displacement layers.
+
+        ``density0``: ``pm.density(pos)`` if already known (saves the first layer's paint).
+        """
         p = self._phys(jnp.asarray(raw))
         cfg, pm = self.config, self.pm
         if cfg.target == "hi":
@@ -78,11 +81,20 @@ class Stage:
         for i in range(cfg.n_layers):
             a, g, kh, kl, nu = (p[n] for n in dm_layer_names(i))
             pos = layers.displacement_layer(
-                pm, pos, a, g, kh, kl, nu, cfg.green_kind, cfg.gradient_order
+                pm,
+                pos,
+                a,
+                g,
+                kh,
+                kl,
+                nu,
+                cfg.green_kind,
+                cfg.gradient_order,
+                density0 if i == 0 else None,
             )
         return pos
 
-    def forward(self, pos, raw, star=None):
+    def forward(self, pos, raw, star=None, density0=None):
         """The predicted map F on the local mesh (eqs 9, 8 or 13).
 
         Parameters
@@ -93,14 +105,18 @@ class Stage:
             Raw parameter vector of this stage.
         star : real mesh, optional
             HI only: the frozen stellar map (in its own units; it is normalised here).
+        density0 : real mesh, optional
+            ``pm.density(pos)`` if already known (training computes it once).
         """
         cfg, pm = self.config, self.pm
         raw = jnp.asarray(raw)
         if cfg.target == "dm":
-            return transforms.dm_transform(pm.density(self.displace(pos, raw)))
+            return transforms.dm_transform(pm.density(self.displace(pos, raw, density0)))
         p = self._phys(raw)
         if cfg.target == "stellar":
-            x = self.displace(pos, raw)
+            x = self.displace(pos, raw, density0)
+            if cfg.n_layers == 0 and density0 is not None:
+                return transforms.stellar_transform(density0, p["w"], p["mu"], p["b"])
             return transforms.stellar_transform(pm.density(x), p["w"], p["mu"], p["b"])
         if star is None:
             raise ValueError("the HI stage needs the stellar map (star=...) from the stellar stage")
@@ -109,8 +125,11 @@ class Stage:
             names = hi_layer_names(i)
             p1 = tuple(p[n] for n in names[:5])
             p2 = tuple(p[n] for n in names[5:])
-            pos = layers.hi_layer(pm, pos, star, p1, p2, cfg.gradient_order)
-        return transforms.hi_transform(pm, pm.density(pos), star, p)
+            pos = layers.hi_layer(
+                pm, pos, star, p1, p2, cfg.gradient_order, density0 if i == 0 else None
+            )
+        rho = density0 if (cfg.n_layers == 0 and density0 is not None) else pm.density(pos)
+        return transforms.hi_transform(pm, rho, star, p)
 
     def n_params(self) -> int:
         return len(self.table)

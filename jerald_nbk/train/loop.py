@@ -101,8 +101,11 @@ class Objective:
         self.masks = split_masks(pm, config.split)
         self.filt = smoothing_filter(pm, config.smoothing_n)
 
+        # The input particles do not depend on the parameters: paint them once, not every step.
+        self.density0 = pm.density(pos)
+
         def losses(raw):
-            F = stage.forward(self.pos, raw, star=self.star)
+            F = stage.forward(self.pos, raw, star=self.star, density0=self.density0)
             out = masked_losses(pm, F, self.target, self.masks, self.p, self.filt)
             return out["train"], out
 
