@@ -217,7 +217,6 @@ def main(argv=None) -> int:
     from jerald_nbk import workflow as wf
     from jerald_nbk.analysis.metrics import figures_of_merit
     from jerald_nbk.analysis.plots import plot_power_comparison
-    from jerald_nbk.analysis.report import write_report
     from jerald_nbk.suite.build import build_suite, ztag
     from jerald_nbk.utils import atomic_write
 
@@ -241,7 +240,10 @@ def main(argv=None) -> int:
         "steps": args.steps,
         "redshifts": {},
     }
-    sections = []
+    if Path(args.json).exists():  # keep the other redshifts of the same configuration
+        old = json.loads(Path(args.json).read_text())
+        if all(old.get(k) == doc[k] for k in ("size", "seed", "unseen_seed", "steps")):
+            doc["redshifts"] = old.get("redshifts", {})
     for z in zs:
         tag = ztag(z)
         print(f"[fidelity] z = {z:g}: training DM -> stellar -> HI on seed {args.seed}", flush=True)
@@ -308,18 +310,12 @@ def main(argv=None) -> int:
         res["seconds_training"] = t_train
         if abs(z - 2.0) < 1e-9:
             res["goals"] = goals_z2(res["train_seed"], res["unseen_seed"], res["k_max"])
+        res["figures"] = [[cap, str(p)] for cap, p in figs]
         doc["redshifts"][tag] = res
         doc["seconds_total"] = time.perf_counter() - t0
         with atomic_write(args.json) as fh:
             json.dump(doc, fh, indent=1)
-        res["figures"] = [[cap, str(p)] for cap, p in figs]
-        sections.append(_section(z, res))
-        write_report(
-            out / "report.md",
-            sections,
-            title=f"JERALD fidelity ({args.size})",
-            provenance=_provenance(doc, args.json),
-        )
+        rewrite_report(args.json, out)
         print(f"[fidelity] z = {z:g} done; {args.json}, {out / 'report.md'}", flush=True)
     return 0
 
