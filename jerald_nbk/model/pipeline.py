@@ -67,6 +67,8 @@ class Stage:
         self.table = ParamTable(table(config.target, config.n_layers, config.hi_shift, w_init))
 
     def _phys(self, raw):
+        # the parameters are replicated over MPI ranks: their gradient is summed over the ranks
+        raw = self.pm.replicated(raw)
         return dict(zip(self.table.names, self.table.to_physical(raw), strict=True))
 
     def displace(self, pos, raw, density0=None):

@@ -137,6 +137,15 @@ class ParticleMesh(abc.ABC):
 
         return jnp.sum(x)
 
+    def replicated(self, x):
+        """Mark ``x`` (e.g. the model parameters) as the same on every rank.
+
+        The identity in value. On the MPI engine its gradient is summed over the ranks, because
+        each rank's backward pass only sees the uses of ``x`` on its own particles and mesh slab.
+        Model code passes every replicated differentiable input through it.
+        """
+        return x
+
     def count(self, pos) -> int:
         """Global number of particles."""
         return int(pos.shape[0])

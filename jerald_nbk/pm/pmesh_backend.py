@@ -186,6 +186,26 @@ def _allsum_bwd(eng, x, ct):
 _allsum.defvjp(_allsum_fwd, _allsum_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _replicated(eng, x):
+    """Identity on a value every rank holds (the model parameters)."""
+    return x
+
+
+def _replicated_fwd(eng, x):
+    return x, None
+
+
+def _replicated_bwd(eng, _, ct):
+    # Each rank's backward pass only sees the parameter's uses on its own particles and slab: the
+    # gradient of the (global) loss is the sum of those partial cotangents over the ranks.
+    shape = jax.ShapeDtypeStruct(ct.shape, ct.dtype)
+    return (_callback(eng._np_allreduce_array, shape, ct),)
+
+
+_replicated.defvjp(_replicated_fwd, _replicated_bwd)
+
+
 class PmeshPM(ParticleMesh):
     """MPI-distributed particle mesh on pmesh.
 
@@ -459,6 +479,14 @@ class PmeshPM(ParticleMesh):
         self._comm.Allreduce(x, out, op=MPI.SUM)
         return out.reshape(())
 
+    def _np_allreduce_array(self, x):
+        from mpi4py import MPI
+
+        x = np.ascontiguousarray(x)
+        out = np.empty_like(x)
+        self._comm.Allreduce(x, out, op=MPI.SUM)
+        return out
+
     # -- operations ---------------------------------------------------------------------------
     def _as_pos(self, pos):
         pos = jnp.asarray(pos)
@@ -573,6 +601,10 @@ class PmeshPM(ParticleMesh):
         single = cmesh.ndim == 3
         out = _c2r(self, cmesh[..., None] if single else cmesh)
         return out[..., 0] if single else out
+
+    def replicated(self, x):
+        """Mark ``x`` as held identically by every rank: its gradient is summed over the ranks."""
+        return _replicated(self, jnp.asarray(x))
 
     def sum(self, x):
         """Global sum of a local array over all ranks (allreduce); differentiable.
