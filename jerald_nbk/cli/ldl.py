@@ -204,11 +204,11 @@ def make_composed_stage(pm, config, index: float = 1.0, field2=None, w_init: flo
     from ..model.pipeline import Stage
 
     class ComposedStage(Stage):
-        def base(self, pos, raw, star=None):
-            return Stage.forward(self, pos, raw, star=star)
+        def base(self, pos, raw, star=None, density0=None):
+            return Stage.forward(self, pos, raw, star=star, density0=density0)
 
-        def forward(self, pos, raw, star=None):
-            out = safe_power(self.base(pos, raw, star=star), index)
+        def forward(self, pos, raw, star=None, density0=None):
+            out = safe_power(self.base(pos, raw, star=star, density0=density0), index)
             return out if field2 is None else out * field2
 
     return ComposedStage(pm, config, w_init=w_init)
