@@ -10,7 +10,9 @@ import pytest
 def test_demo_end_to_end(tmp_path):
     from jerald_nbk.cli.demo import run_demo
 
-    report = run_demo(tmp_path / "demo", size="smoke", seed=3, redshift=2.0, steps=15, progress=False)
+    report = run_demo(
+        tmp_path / "demo", size="smoke", seed=3, redshift=2.0, steps=15, progress=False
+    )
     text = report.read_text()
     for heading in ("DM at z = 2", "Stellar mass at z = 2", "HI at z = 2", "k_10pct"):
         assert heading in text
@@ -20,7 +22,10 @@ def test_demo_end_to_end(tmp_path):
     assert dm["JERALD"]["k_r09"] > 1.0
     # training improved on the starting point: the best validation loss is below the first one
     for t in ("dm", "stellar", "hi"):
-        rows = [json.loads(x) for x in (tmp_path / "demo" / f"train_{t}" / "metrics.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(x)
+            for x in (tmp_path / "demo" / f"train_{t}" / "metrics.jsonl").read_text().splitlines()
+        ]
         assert summary["figures_of_merit"][t]["losses"]["validation"] <= rows[0]["validation"]
         assert np.isfinite(summary["figures_of_merit"][t]["losses"]["test"])
     for png in ("power_dm.png", "slices_hi.png", "train_stellar/training.png"):

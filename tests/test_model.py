@@ -351,7 +351,9 @@ def test_bad_training_inputs(pm64, pos64):
         Objective(Stage(pm64, StageConfig("hi", 1)), pos64, good, cfg)
 
 
-@pytest.mark.parametrize("target,layers", [("dm", 2), ("stellar", 0), ("stellar", 1), ("hi", 0), ("hi", 1)])
+@pytest.mark.parametrize(
+    "target,layers", [("dm", 2), ("stellar", 0), ("stellar", 1), ("hi", 0), ("hi", 1)]
+)
 def test_precomputed_input_density_changes_nothing(target, layers, pm64, pos64):
     # training paints the (parameter-independent) input particles once and passes the mesh in
     stage = Stage(pm64, StageConfig(target, layers))
