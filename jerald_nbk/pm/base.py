@@ -156,6 +156,21 @@ class ParticleMesh(abc.ABC):
 
         return jax.jit(fn)
 
+    def _weights(self, pos, mass):
+        """(N, C) particle weights of :meth:`paint`: unit masses, (N,) or (N, C) ``mass``."""
+        import jax.numpy as jnp
+
+        n = pos.shape[0]
+        if mass is None:
+            return jnp.ones((n, 1), self.dtype)
+        mass = jnp.asarray(mass).astype(self.dtype)
+        w = mass[:, None] if mass.ndim == 1 else mass
+        if w.ndim != 2 or w.shape[0] != n:
+            raise ValueError(
+                f"mass has {w.shape[0]} entries for {n} particles (mass shape {mass.shape})"
+            )
+        return w
+
     def density(self, pos):
         """``1 + delta`` of unit-mass particles: CIC paint times ``ncells / N_total``."""
         return self.paint(pos) * (self.ncells / self.count(pos))

@@ -293,13 +293,7 @@ class JaxPM(ParticleMesh):
 
     def paint(self, pos, mass=None):
         pos = self._as_pos(pos)
-        if mass is None:
-            w = jnp.ones((pos.shape[0], 1), self.dtype)
-        else:
-            mass = jnp.asarray(mass).astype(self.dtype)
-            w = mass[:, None] if mass.ndim == 1 else mass
-        if w.shape[0] != pos.shape[0]:
-            raise ValueError(f"mass has {w.shape[0]} entries for {pos.shape[0]} particles")
+        w = self._weights(pos, mass)
         mesh = cic_paint(pos, w, self._cfg)
         return mesh[..., 0] if mass is None or jnp.ndim(mass) == 1 else mesh
 

@@ -518,15 +518,9 @@ class PmeshPM(ParticleMesh):
         JAX array of shape :attr:`local_real_shape` (plus (C,) for (N, C) masses).
         """
         pos = self._as_pos(pos)
-        if mass is None:
-            w = jnp.ones((pos.shape[0], 1), self.dtype)
-        else:
-            mass = jnp.asarray(mass).astype(self.dtype)
-            w = mass[:, None] if mass.ndim == 1 else mass
-        if w.ndim != 2 or w.shape[0] != pos.shape[0]:
-            raise ValueError(f"mass of shape {w.shape} for {pos.shape[0]} particles")
+        w = self._weights(pos, mass)
         mesh = _paint(self, pos, w)
-        return mesh[..., 0] if mass is None or mass.ndim == 1 else mesh
+        return mesh[..., 0] if mass is None or jnp.ndim(mass) == 1 else mesh
 
     def readout(self, mesh, pos):
         """CIC-interpolate the (distributed) mesh at this rank's particles.
