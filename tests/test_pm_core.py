@@ -239,3 +239,9 @@ def test_readout_gradient_checks_the_mesh_shape():
     pm = JaxPM(8, 10.0)
     with pytest.raises(ValueError, match="Nmesh"):
         pm.readout_gradient(np.zeros((4, 8, 8)), np.zeros((5, 3)))
+
+
+def test_scalar_mass_paints_like_a_constant_array():
+    pm = JaxPM(8, 10.0, dtype="f8")
+    pos = random_particles(100, 10.0)
+    np.testing.assert_allclose(pm.paint(pos, 2.5), pm.paint(pos, np.full(100, 2.5)), rtol=1e-14)

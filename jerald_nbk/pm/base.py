@@ -157,13 +157,15 @@ class ParticleMesh(abc.ABC):
         return jax.jit(fn)
 
     def _weights(self, pos, mass):
-        """(N, C) particle weights of :meth:`paint`: unit masses, (N,) or (N, C) ``mass``."""
+        """(N, C) particle weights of :meth:`paint`: unit masses, a scalar, (N,) or (N, C) ``mass``."""
         import jax.numpy as jnp
 
         n = pos.shape[0]
         if mass is None:
             return jnp.ones((n, 1), self.dtype)
         mass = jnp.asarray(mass).astype(self.dtype)
+        if mass.ndim == 0:  # one mass for every particle
+            return jnp.full((n, 1), mass, self.dtype)
         w = mass[:, None] if mass.ndim == 1 else mass
         if w.ndim != 2 or w.shape[0] != n:
             raise ValueError(

@@ -295,7 +295,7 @@ class JaxPM(ParticleMesh):
         pos = self._as_pos(pos)
         w = self._weights(pos, mass)
         mesh = cic_paint(pos, w, self._cfg)
-        return mesh[..., 0] if mass is None or jnp.ndim(mass) == 1 else mesh
+        return mesh[..., 0] if mass is None or jnp.ndim(mass) <= 1 else mesh
 
     def readout(self, mesh, pos):
         pos = self._as_pos(pos)

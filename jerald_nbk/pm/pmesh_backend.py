@@ -520,7 +520,7 @@ class PmeshPM(ParticleMesh):
         pos = self._as_pos(pos)
         w = self._weights(pos, mass)
         mesh = _paint(self, pos, w)
-        return mesh[..., 0] if mass is None or jnp.ndim(mass) == 1 else mesh
+        return mesh[..., 0] if mass is None or jnp.ndim(mass) <= 1 else mesh
 
     def readout(self, mesh, pos):
         """CIC-interpolate the (distributed) mesh at this rank's particles.
