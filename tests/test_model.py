@@ -362,3 +362,15 @@ def test_precomputed_input_density_changes_nothing(target, layers, pm64, pos64):
     a = stage.forward(pos64, raw, star=star)
     b = stage.forward(pos64, raw, star=star, density0=pm64.density(pos64))
     np.testing.assert_array_equal(a, b)
+
+
+def test_float32_parameters_on_a_bound_load_back(tmp_path):
+    # w projected onto its lower bound 1e-5 in float32 is 9.99999975e-06: the file must still load
+    cfg = StageConfig("stellar", 1)
+    tab = ParamTable(table("stellar", 1))
+    raw = np.asarray(tab.project(jnp.asarray(tab.init_raw(), jnp.float32).at[-3].set(-1.0)))
+    assert float(raw[-3]) < 1e-5  # the float32 rounding this test is about
+    path = save_params(tmp_path / "s.json", cfg, raw)
+    assert load_params(path)[1][-3] == pytest.approx(1e-5, rel=1e-6)
+    with pytest.raises(ValueError, match="w=9e-06 not in"):
+        tab.check_bounds(tab.to_physical(np.where(np.arange(len(raw)) == len(raw) - 3, 9e-6, raw)))
