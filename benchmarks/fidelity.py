@@ -140,7 +140,14 @@ def _section(z: float, res: dict) -> dict:
             }
         )
     figs = [(cap, Path(p)) for cap, p in res.get("figures", [])]
-    return {"title": f"z = {z:g}", "tables": tables, "figures": figs}
+    notes = [
+        f"**{t}**: every figure of merit is 0, the trained map does not follow the reference even "
+        "at the largest scales. Typically the target is so sparse (few halos) that the L1 loss is "
+        "minimised by a map near zero (the median of the cells): w ends on its lower bound."
+        for t, d in res["train_seed"].items()
+        if all(d["JERALD"][k] == 0 for k in FOMS)
+    ]
+    return {"title": f"z = {z:g}", "text": "\n\n".join(notes), "tables": tables, "figures": figs}
 
 
 def _largest_k(manifest) -> float:
