@@ -1,7 +1,8 @@
 """``jerald-ref``: the JERALD reference script's command line (Rigo, Trotta & Viel) on jerald-nbk.
 
-It accepts the reference script's options and file names and drives the same engine as ``jerald``
-(:mod:`jerald_nbk.workflow`): JAX on one process, pmesh under ``mpiexec``.
+It accepts the reference script's options and files (``JERALD/runJERALD.py`` of maurorigo/JERALD)
+and drives the same engine as ``jerald`` (:mod:`jerald_nbk.workflow`): JAX on one process, pmesh
+under ``mpiexec``. ``docs/migrating.md`` maps every option and file.
 
 JERALD semantics: eq-7 Green's function for DM, eq 6 for stellar mass and HI, 6th-order Fourier
 gradient, the paper's split, Adam with the eq-16 schedule. Differences from the reference script:
@@ -9,19 +10,28 @@ gradient, the paper's split, Adam with the eq-16 schedule. Differences from the 
 ``--target-scale`` (default: the script's 4e-13, 4e-11, 1e-8 at z = 0, 2, 5; any redshift works
 when it is given); ``--n`` defaults to the paper's value for the target and redshift; evaluation
 accepts any parameter file whose length fits the target (layers inferred; the script rejected
-valid HI files); the test loss is reported.
+valid HI files and crashed on stellar ones); the test loss is reported.
 
 Files in ``--outpath`` (``STEM = {target}_Nmesh{N}_Nstep{S}_n{n:.2f}``, the script's names):
 
-* ``STEM_bestparam.txt``: best-by-validation raw parameter vector (``np.savetxt``, the JERALD
-  plain-text flavour: our parameter table's order and scalings), and ``STEM_bestparam.json``
-  (jerald-nbk's self-describing JSON, usable with ``jerald paint`` / ``jerald info``);
+* ``STEM_bestparam.txt``: best-by-validation parameters in the reference's own plain-text layout
+  (order, signs and scalings of :mod:`jerald_nbk.io.paramfiles`, flavour ``"jerald"``): the script
+  reads it with ``--evalpath`` / ``--improvepath``, and so does this command; and
+  ``STEM_bestparam.json`` (jerald-nbk's self-describing JSON, for ``jerald paint`` / ``jerald info``);
+* ``STEM_optstate.txt``: the reference's optimiser-state file (Adam moments, step count, learning
+  rate, final parameters), written at the end of training as the script does; ``--optpath`` of
+  either program continues from it;
 * ``STEM_map``: the predicted map (bigfile mesh, dataset ``Field``; ``.npy`` with
   ``--map-format npy``). HI maps are multiplied back by ``--target-scale`` (the units of
-  ``--refpath``);
+  ``--refpath``; the script wrote them in its normalised units);
 * ``STEM_train/``: the training run, ``checkpoint.npz`` (parameters, Adam state, step, best so
-  far), ``metrics.jsonl``, ``params.json``, ``training.png``. This is the optimiser state that
-  ``--optpath`` resumes from (the script's ``_optstate.txt`` format is not read).
+  far), ``metrics.jsonl``, ``params.json``, ``training.png``.
+
+``--optpath`` takes the reference's ``*_optstate.txt`` (the Adam moments and step count continue;
+the parameters are those in its ``params`` section, else the initial values, as the script does),
+our ``STEM_train/`` directory or its ``checkpoint.npz`` (exact resume), or a parameter file
+(``.txt`` / ``.json``) to start from with a fresh Adam. ``--steps`` counts all steps, those already
+taken included: an optstate at ``itr = 10`` with ``--steps 500`` runs steps 10 to 499.
 """
 
 from __future__ import annotations
@@ -37,7 +47,6 @@ from .ldl import (
     UsageError,
     add_engine_options,
     fmt_losses,
-    load_plain_or_json,
     mesh_of,
     positions_from_columns,
     read_target,
@@ -84,9 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
             "the reference script hard-coded 10 steps)."
         ),
         epilog=(
-            "Outputs in --outpath: {target}_Nmesh{N}_Nstep{S}_n{n:.2f}_bestparam.txt (JERALD plain "
-            "text) and _bestparam.json (jerald JSON), _map (the predicted map), _train/ (checkpoint "
-            "and metrics; pass it to --optpath to resume). Details: jerald_nbk.cli.ref's docstring."
+            "Outputs in --outpath: {target}_Nmesh{N}_Nstep{S}_n{n:.2f}_bestparam.txt (the "
+            "reference's plain text) and _bestparam.json (jerald JSON), _optstate.txt (the "
+            "reference's optimiser state), _map (the predicted map), _train/ (checkpoint and "
+            "metrics). --optpath resumes from _optstate.txt or _train/. Details: docs/migrating.md "
+            "and jerald_nbk.cli.ref's docstring."
         ),
     )
     ap.add_argument("--target", choices=list(STAGE), default="dm", help="target field")
@@ -118,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--outpath", required=True, help="output directory")
     ap.add_argument(
         "--optpath",
-        help="resume: a training directory (STEM_train/) or its checkpoint.npz; or a parameter "
+        help="resume: the reference's *_optstate.txt (Adam moments, step and parameters "
+        "continue), a training directory (STEM_train/) or its checkpoint.npz; or a parameter "
         "file (.txt / .json) to start from",
     )
     ap.add_argument(
@@ -174,12 +186,141 @@ def _check_checkpoint(path: Path, n_params: int) -> None:
         )
 
 
+def _nstep_mismatch(path, n_values: int, layers: int, nstep: int, target: str) -> ValueError:
+    per = {"dm": "5*Nstep", "stellar": "5*Nstep + 3", "hi": "10*Nstep + 12 (or + 11)"}[target]
+    return ValueError(
+        f"parameter file {path}: {n_values} values = {layers} layers, but --Nstep {nstep} "
+        f"expects {per}; drop --Nstep to use the file's {layers} layers"
+    )
+
+
+def load_ref_stage(path, target: str, pm, order, nstep=None):
+    """A stage from a JERALD reference file (plain text, or the ``params`` of an optstate) or JSON.
+
+    Plain-text files carry no configuration: the number of layers (and the HI shift) follow from
+    the length (checked against ``nstep`` when given); order, signs and scalings are the
+    reference's (:mod:`jerald_nbk.io.paramfiles`).
+
+    Returns
+    -------
+    stage : Stage
+    raw : numpy array
+    """
+    from .. import workflow as wf
+    from ..io.paramfiles import infer_ref_layers, is_ref_optstate, load_plaintext
+    from ..model.pipeline import Stage, StageConfig
+
+    path = Path(path)
+    if path.suffix == ".json":
+        return wf.load_stage(path, pm, target)
+    if not path.exists():
+        raise FileNotFoundError(f"parameter file {path} does not exist")
+    if is_ref_optstate(path):
+        stage, state = load_ref_optstate(path, target, pm, order, nstep)
+        if state.raw is None:
+            raise ValueError(f"optimiser-state file {path} has no 'params' section to evaluate")
+        return stage, state.raw
+    try:
+        n_values = np.atleast_1d(np.loadtxt(path, dtype=float)).size
+    except ValueError as err:
+        raise ValueError(
+            f"parameter file {path}: not a plain-text list of numbers ({err})"
+        ) from None
+    layers, shift = infer_ref_layers(n_values, target, path)
+    if nstep is not None and layers != nstep:
+        raise _nstep_mismatch(path, n_values, layers, nstep, target)
+    config = StageConfig(target, layers, order, shift)
+    return Stage(pm, config), load_plaintext(path, config, "jerald")
+
+
+def load_ref_optstate(path, target: str, pm, order, nstep=None):
+    """A stage and its :class:`~jerald_nbk.io.paramfiles.RefOptState` from a reference optstate."""
+    from ..io.paramfiles import infer_ref_layers, read_ref_optstate, ref_optstate_length
+    from ..model.pipeline import Stage, StageConfig
+
+    n_values = ref_optstate_length(path)
+    layers, shift = infer_ref_layers(n_values, target, path)
+    if nstep is not None and layers != nstep:
+        raise _nstep_mismatch(path, n_values, layers, nstep, target)
+    config = StageConfig(target, layers, order, shift)
+    return Stage(pm, config), read_ref_optstate(path, config)
+
+
+def _initial_raw(stage, z):
+    """The table's initial values, with the reference's initial HI shift zs for the redshift."""
+    raw0 = stage.table.init_raw()
+    if stage.config.hi_shift:
+        raw0[stage.table.index["zs"]] = _by_z(HI_SHIFT0, z) or 0.0
+    return raw0
+
+
+def _fit_continuing(stage, pos, target, workdir, cfg, raw0, star, prov, opt_state0, start_step):
+    """Train from given Adam moments and step (a reference optstate) and write the run's files.
+
+    Like :func:`jerald_nbk.workflow.fit_stage` (params.json, params_final.json, metrics.jsonl,
+    checkpoint.npz, training.png in ``workdir``), with the optimiser state handed to the loop.
+    """
+    from ..io.paramfiles import save_params
+    from ..train.loop import Objective, train
+    from ..utils import is_root
+
+    pm = stage.pm
+    obj = Objective(stage, pos, target, cfg, star=star)
+    res = train(
+        obj,
+        cfg,
+        raw0=raw0,
+        workdir=workdir,
+        resume=False,
+        opt_state0=opt_state0,
+        start_step=start_step,
+    )
+    record = {
+        "BoxSize": pm.BoxSize.tolist(),
+        "Nmesh": list(pm.Nmesh),
+        "target": stage.config.target,
+        "layers": stage.config.n_layers,
+        "smoothing_n": cfg.smoothing_n,
+        "steps": len(res.history),
+        "start_step": start_step,
+        "best_step": res.best_step,
+        "losses": res.best_losses,
+        "train_config": cfg.as_dict(),
+        "engine": pm.describe(),
+        **(prov or {}),
+    }
+    save_params(workdir / "params.json", stage.config, res.best_raw, record, comm=pm.comm)
+    save_params(
+        workdir / "params_final.json",
+        stage.config,
+        res.raw,
+        record | {"final": True},
+        comm=pm.comm,
+    )
+    if is_root(pm.comm) and res.history:
+        from ..analysis.plots import plot_training_curves
+
+        plot_training_curves(
+            workdir / "training.png", res.history, title=f"{stage.config.target} stage"
+        )
+    return res
+
+
 def cmd_ref(args) -> int:
     """Run ``jerald-ref`` (train or evaluate one target); see the module docstring."""
     from .. import workflow as wf
     from ..io import read_catalog
-    from ..io.paramfiles import save_params, save_plaintext
+    from ..io.paramfiles import (
+        OPTSTATE_SUFFIX,
+        is_ref_optstate,
+        optax_adam_state,
+        ref_optstate_from_optax,
+        save_params,
+        save_plaintext,
+        write_ref_optstate,
+    )
     from ..model.pipeline import Stage, StageConfig
+    from ..train.schedule import paper_schedule
     from ..utils import is_root
 
     t, st = args.target, STAGE[args.target]
@@ -232,24 +373,25 @@ def cmd_ref(args) -> int:
 
     # parameter files first: a bad one fails before anything is read in bulk or written
     order = 6
-    evaluated = start = None
+    evaluated = start = optstate = None
     if args.evalpath:
-        evaluated = load_plain_or_json(args.evalpath, st, "jerald", pm, order, nstep=args.Nstep)
+        evaluated = load_ref_stage(args.evalpath, st, pm, order, nstep=args.Nstep)
     elif args.optpath and _checkpoint_of(args.optpath) is None:
-        start = load_plain_or_json(args.optpath, st, "jerald", pm, order, nstep=args.Nstep)
-    improve = (
-        load_plain_or_json(args.improvepath, "dm", "jerald", pm, order)
-        if args.improvepath
-        else None
-    )
+        if is_ref_optstate(args.optpath):
+            optstate = load_ref_optstate(args.optpath, st, pm, order, nstep=args.Nstep)
+        else:
+            start = load_ref_stage(args.optpath, st, pm, order, nstep=args.Nstep)
+    improve = load_ref_stage(args.improvepath, "dm", pm, order) if args.improvepath else None
     star_stage = None
     if t == "HI" and not _is_mesh(args.Mstarpath):
-        star_stage = load_plain_or_json(args.Mstarpath, "stellar", "jerald", pm, order)
+        star_stage = load_ref_stage(args.Mstarpath, "stellar", pm, order)
 
     if evaluated is not None:
         config = evaluated[0].config
     elif start is not None:
         config = start[0].config
+    elif optstate is not None:
+        config = optstate[0].config
     else:
         shift = t == "HI" and not args.no_hi_shift
         config = StageConfig(st, args.Nstep or 2, order, shift)
@@ -299,6 +441,10 @@ def cmd_ref(args) -> int:
         raw0, resume = None, False
         if start is not None:
             raw0 = start[1]
+        elif optstate is not None:
+            raw0 = optstate[1].raw
+            if raw0 is None:  # the reference starts from its initial values then
+                raw0 = _initial_raw(stage, z)
         elif args.optpath:
             ck = _checkpoint_of(args.optpath)
             _check_checkpoint(ck, stage.n_params())
@@ -313,12 +459,39 @@ def cmd_ref(args) -> int:
             if pm.comm is not None:
                 pm.comm.Barrier()
         elif config.hi_shift:
-            raw0 = stage.table.init_raw()
-            raw0[stage.table.index["zs"]] = _by_z(HI_SHIFT0, z) or 0.0
+            raw0 = _initial_raw(stage, z)
         say(pm, f"[{PROG}] training {t} ({nstep} layers, {args.steps} Adam steps) -> {workdir}")
-        res = wf.fit_stage(
-            stage, pos, target, workdir, cfg, raw0, star=star, provenance=prov, resume=resume
-        ).result
+        if optstate is not None:
+            ost = optstate[1]
+            say(
+                pm,
+                f"[{PROG}] continuing the Adam state of {args.optpath} at step {ost.step}"
+                + ("" if ost.step < args.steps else f" (>= --steps {args.steps}: no step left)"),
+            )
+            lr = float(paper_schedule(cfg.eta0, cfg.eta_final, cfg.tau)(ost.step))
+            if ost.lr is not None and not np.isclose(ost.lr, lr, rtol=1e-5):
+                say(
+                    pm,
+                    f"[{PROG}] note: {args.optpath} records the learning rate {ost.lr:g}, the "
+                    f"schedule (--eta0, --eta-final, --tau) gives {lr:g} at step {ost.step}; "
+                    "using the schedule's",
+                )
+            res = _fit_continuing(
+                stage,
+                pos,
+                target,
+                workdir,
+                cfg,
+                raw0,
+                star,
+                prov,
+                optax_adam_state(ost),
+                ost.step,
+            )
+        else:
+            res = wf.fit_stage(
+                stage, pos, target, workdir, cfg, raw0, star=star, provenance=prov, resume=resume
+            ).result
         raw = res.best_raw
         say(
             pm,
@@ -335,10 +508,15 @@ def cmd_ref(args) -> int:
             "best_step": res.best_step,
             "losses": res.best_losses,
         }
+        opt_txt = out / f"{stem}{OPTSTATE_SUFFIX}"
         if is_root(pm.comm):
             save_plaintext(txt, config, raw, flavour="jerald")
+            if res.opt_state is not None:
+                final = ref_optstate_from_optax(res.opt_state, raw=res.raw)
+                final.lr = float(paper_schedule(cfg.eta0, cfg.eta_final, cfg.tau)(final.step))
+                write_ref_optstate(opt_txt, config, final)
         save_params(js, config, raw, record, comm=pm.comm)
-        say(pm, f"[{PROG}] parameters: {txt} and {js}")
+        say(pm, f"[{PROG}] parameters: {txt} and {js}; optimiser state: {opt_txt}")
         source = str(txt)
 
     pred = stage.forward(pos, raw, star=star) * (scale if t == "HI" else 1.0)

@@ -132,6 +132,8 @@ class TrainResult:
     best_losses: dict
     history: list
     stopped_early: bool = False
+    #: the optimiser's state after the last update (e.g. to write the JERALD reference's optstate)
+    opt_state: object = None
 
 
 def _opt(config: TrainConfig):
@@ -167,6 +169,19 @@ def _load_checkpoint(path: Path, opt_state_template):
         return int(z["step"]), np.array(z["raw"]), opt_state, best
 
 
+def _given_opt_state(template, given):
+    """``given`` (None: ``template``) checked against ``template``'s structure, in its dtypes."""
+    if given is None:
+        return template
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    new, new_def = jax.tree_util.tree_flatten(given)
+    same = new_def == treedef
+    if not same or any(np.shape(a) != np.shape(b) for a, b in zip(leaves, new, strict=True)):
+        raise ValueError(f"opt_state0 {new_def} does not match the optimiser's state {treedef}")
+    new = [jnp.asarray(b, dtype=np.asarray(a).dtype) for a, b in zip(leaves, new, strict=True)]
+    return jax.tree_util.tree_unflatten(treedef, new)
+
+
 def train(
     objective: Objective,
     config: TrainConfig,
@@ -174,6 +189,8 @@ def train(
     workdir: str | os.PathLike | None = None,
     resume: bool = True,
     log=None,
+    opt_state0=None,
+    start_step: int = 0,
 ) -> TrainResult:
     """Fit one stage with Adam (eq 16), projecting onto the bounds after every step.
 
@@ -188,6 +205,12 @@ def train(
         there is continued from.
     log : callable, optional
         Called with each step's record (dict), e.g. for a custom display.
+    opt_state0 : optax state, optional
+        Adam state to continue from instead of a fresh one (the structure of ``opt.init``; e.g.
+        the JERALD reference's optstate via :func:`jerald_nbk.io.paramfiles.optax_adam_state`).
+        A checkpoint resumed from ``workdir`` takes precedence.
+    start_step : int
+        Steps already taken before ``raw0`` / ``opt_state0`` (the run ends at ``config.steps``).
 
     Returns
     -------
@@ -203,6 +226,8 @@ def train(
     opt = _opt(config)
     opt_state = opt.init(raw)
     start = 0
+    if opt_state0 is not None or start_step:  # continue given Adam moments and step count
+        opt_state, start = _given_opt_state(opt_state, opt_state0), int(start_step)
     best = {"raw": np.asarray(raw), "step": -1, "losses": {"validation": float("inf")}}
     history: list[dict] = []
     ckpt = metrics = None
@@ -280,9 +305,15 @@ def train(
         bar.close()
     final = objective.losses(raw)
     if final["validation"] < best["losses"]["validation"]:
-        best = {"raw": np.asarray(raw), "step": len(history), "losses": final}
+        best = {"raw": np.asarray(raw), "step": start + len(history), "losses": final}
     return TrainResult(
-        np.asarray(raw), np.asarray(best["raw"]), best["step"], best["losses"], history, stopped
+        np.asarray(raw),
+        np.asarray(best["raw"]),
+        best["step"],
+        best["losses"],
+        history,
+        stopped,
+        opt_state=opt_state,
     )
 
 
