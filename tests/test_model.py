@@ -215,7 +215,12 @@ def test_planted_stellar_recovery(pm64, pos64):
 
 def test_planted_hi_recovery(pm64, pos64):
     """HI target from the model (0 layers: the eq 13-15 transform with a stellar map): training
-    reaches < 5% of the initial loss and recovers w and mu within 10%."""
+    reaches < 2% of the initial loss and recovers w within 5%, mu within 15%.
+
+    With every depletion term alive, mu trades off against b and the depletion terms (at 32^3 the
+    fit reaches 0.8% of the initial loss with mu 1.16 for a planted 1.3), so mu's tolerance is wider
+    than w's; the loss criterion is what a wrong gradient would break.
+    """
     sstage = Stage(pm64, StageConfig("stellar", 1))
     star = sstage.forward(pos64, raw_of(sstage, alpha_0=0.02, mu=1.5, b=0.5))
     stage = Stage(pm64, StageConfig("hi", 0))
@@ -225,10 +230,10 @@ def test_planted_hi_recovery(pm64, pos64):
     obj = Objective(stage, pos64, target, cfg, star=star)
     initial = obj.losses(stage.table.init_raw())["validation"]
     res = train(obj, cfg)
-    assert res.best_losses["validation"] < 0.05 * initial
+    assert res.best_losses["validation"] < 0.02 * initial
     fit = stage.table.as_dict(res.best_raw)
-    assert fit["w"] == pytest.approx(0.8, rel=0.1)
-    assert fit["mu"] == pytest.approx(1.3, rel=0.1)
+    assert fit["w"] == pytest.approx(0.8, rel=0.05)
+    assert fit["mu"] == pytest.approx(1.3, rel=0.15)
 
 
 # -- training machinery --------------------------------------------------------------------------

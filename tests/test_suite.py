@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SMOKE_REDSHIFTS, SMOKE_SEED  # noqa: E402
 
 from jerald_nbk.suite import build as suite_build
 from jerald_nbk.suite import build_suite, output_names, ztag
 from jerald_nbk.suite import targets as tg
 
-REDSHIFTS = (5.0, 2.0, 0.0)
-SEED = 7
+REDSHIFTS = SMOKE_REDSHIFTS
+SEED = SMOKE_SEED
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "reference-suite.md"
 
 
@@ -70,13 +71,9 @@ def _read_cat(path, columns=("Position",)):
 # the session suite
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def suite(tmp_path_factory):
-    out = tmp_path_factory.mktemp("suite")
-    t0 = time.perf_counter()
-    paths = build_suite(
-        out, size="smoke", seed=SEED, redshifts=REDSHIFTS, progress=False, save_highres=True
-    )
-    return {"dir": out, "paths": paths, "seconds": time.perf_counter() - t0}
+def suite(smoke_suite):
+    assert (SEED, REDSHIFTS) == (SMOKE_SEED, SMOKE_REDSHIFTS)
+    return smoke_suite
 
 
 @pytest.fixture(scope="session")
@@ -165,8 +162,8 @@ def test_stages_hit_outputs():
 # the built suite
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_build_time_and_outputs(suite, manifest):
-    assert suite["seconds"] < 120  # < 60 s on an idle 2-core machine; shared machines are noisy
+def test_build_outputs(suite, manifest):
+    # (the build time is a benchmark's business: benchmarks/run.py records it)
     for name in output_names(REDSHIFTS):
         assert (suite["dir"] / name).is_dir(), name
         assert name in suite["paths"]

@@ -157,7 +157,9 @@ def smooth_field(field, BoxSize, radius: float) -> np.ndarray:
     box = np.broadcast_to(np.asarray(BoxSize, dtype=float), (3,))
     workers = -1
     c = scipy.fft.rfftn(arr, workers=workers)
-    c *= fourier.gaussian_filter(fourier.knorm(fourier.kvectors(arr.shape, box)), radius)
+    c *= fourier.fourier_factor(
+        fourier.kvectors(arr.shape, box), "lowpass", lambda k: fourier.gaussian_filter(k, radius)
+    )
     # the convention's r2c/c2r factors cancel in a filter round trip; irfftn's 1/N is the c2r one
     return scipy.fft.irfftn(c, s=arr.shape, workers=workers)
 

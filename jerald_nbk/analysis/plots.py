@@ -245,3 +245,65 @@ def plot_training_curves(path, history: Sequence[Mapping], title: str | None = N
         ax.set_title(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_parameter_trajectories(
+    path,
+    history: Sequence[Mapping],
+    bounds: Mapping[str, tuple[float, float]] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Every parameter against optimisation step, one small panel each.
+
+    A parameter that never moves (a dead term of the model) shows as a flat line and its panel
+    title says ``frozen``; a parameter resting on a bound has the bound drawn and its title says
+    ``at bound``.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output PNG.
+    history : sequence of dict
+        One entry per step with keys ``step`` and ``params`` (physical values by name), as written
+        to ``metrics.jsonl`` by :func:`jerald_nbk.train.train`.
+    bounds : mapping name -> (lower, upper), optional
+        Physical bounds (infinite ones are not drawn).
+    title : str, optional
+
+    Returns
+    -------
+    Path of the PNG.
+    """
+    rows = [h for h in history if h.get("params")]
+    if not rows:
+        raise ValueError("plot_parameter_trajectories: no step records parameters")
+    names = list(rows[0]["params"])
+    steps = np.array([h["step"] for h in rows], dtype=float)
+    plt = _pyplot()
+    ncol = min(6, len(names))
+    nrow = -(-len(names) // ncol)
+    fig, axes = plt.subplots(
+        nrow, ncol, figsize=(2.1 * ncol, 1.6 * nrow + 0.4), squeeze=False, sharex=True
+    )
+    for ax, name in zip(axes.flat, names, strict=False):
+        v = np.array([h["params"].get(name, np.nan) for h in rows], dtype=float)
+        ax.plot(steps, v, lw=1.0)
+        status = ""
+        lo, hi = (bounds or {}).get(name, (-np.inf, np.inf))
+        for b in (lo, hi):
+            if b is not None and np.isfinite(b):
+                ax.axhline(b, color="0.6", ls="--", lw=0.7)
+                if np.isclose(v[-1], b, rtol=1e-5, atol=1e-12):
+                    status = " (at bound)"
+        if np.all(v == v[0]):
+            status = " (frozen)"
+        ax.set_title(name + status, fontsize=8, color="C3" if status == " (frozen)" else "k")
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

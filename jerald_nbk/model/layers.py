@@ -18,29 +18,14 @@ from ..pm.base import ParticleMesh
 EPS = 1e-8
 
 
-def _k_nonzero(pm: ParticleMesh):
-    """|k| with k = 0 set to 1, and the mask of k != 0.
-
-    The Green's functions are only ever multiplied by a gradient kernel, which vanishes at k = 0, so
-    their k = 0 value is irrelevant; evaluating it at k = 1 and masking it to 0 keeps large
-    ``|nu|`` from producing inf * 0 = NaN there (in values and in gradients).
-    """
-    kvec = pm.kvec()
-    k2 = kvec[0] ** 2 + kvec[1] ** 2 + kvec[2] ** 2
-    nonzero = k2 > 0
-    return jnp.sqrt(jnp.where(nonzero, k2, 1.0)), nonzero
-
-
 def green_dm(pm: ParticleMesh, kh, kl, nu):
-    """Eq 7: ``exp(-kh/k) exp(-k/kl) k^nu`` (zero at k = 0)."""
-    k, nz = _k_nonzero(pm)
-    return jnp.where(nz, jnp.exp(-kh / k - k / kl) * k**nu, 0.0)
+    """Eq 7: ``exp(-kh/k) exp(-k/kl) k^nu``; 0 at k = 0 (:data:`fourier.K0_VALUES`)."""
+    return pm.fourier_factor("green", lambda k: jnp.exp(-kh / k - k / kl) * k**nu)
 
 
 def green_sm(pm: ParticleMesh, kh, kl, nu):
-    """Eq 6 (LDL's form, stellar mass and HI): ``exp(-(kh/k)^2) exp(-(k/kl)^2) k^nu``."""
-    k, nz = _k_nonzero(pm)
-    return jnp.where(nz, jnp.exp(-((kh / k) ** 2) - (k / kl) ** 2) * k**nu, 0.0)
+    """Eq 6 (LDL's form, stellar mass and HI): ``exp(-(kh/k)^2) exp(-(k/kl)^2) k^nu``; 0 at k = 0."""
+    return pm.fourier_factor("green", lambda k: jnp.exp(-((kh / k) ** 2) - (k / kl) ** 2) * k**nu)
 
 
 GREENS = {"dm": green_dm, "sm": green_sm}

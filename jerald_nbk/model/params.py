@@ -18,6 +18,11 @@ import numpy as np
 
 TARGETS = ("dm", "stellar", "hi")
 
+#: bound on the powers of k (``nu`` of every Green's function, ``nuI`` of eq 15): LDL's (-4.5, 4.5).
+#: Beyond it ``k^nu`` spans more than 10 decades between the fundamental mode and the Nyquist
+#: frequency of a 512^3 mesh, and float32 maps lose the modes that matter.
+NU_MAX = 4.5
+
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
@@ -44,7 +49,9 @@ def _layer(i: int, alpha_scale: float, suffix: str = "", what: str = "") -> list
         ParamSpec(
             f"kl{s}", 8.0, 1.0, 0.1, doc=f"small-scale cut of the Green's function{what} (h/Mpc)"
         ),
-        ParamSpec(f"nu{s}", 0.0, 1.0, doc=f"power of k in the Green's function{what}"),
+        ParamSpec(
+            f"nu{s}", 0.0, 1.0, -NU_MAX, NU_MAX, doc=f"power of k in the Green's function{what}"
+        ),
     ]
 
 
@@ -94,18 +101,29 @@ def table(
             ParamSpec("b", 0.0, 1.0, doc="threshold of eq 8"),
         ]
     elif target == "hi":
+        # Initial values keep every term of eqs 13-15 alive (non-zero gradient for each parameter):
+        # - beta1 = 0.6 w and xi = 1 (the JERALD reference's 0.6 and 1, in units of the map's
+        #   amplitude w): beta1 O_I[1 + delta_star] + eta is then positive in almost every cell, so
+        #   the ReLU of eq 14 passes gradients to beta1, eta, kIh, kIl, nuI and xi. With beta1 = eta
+        #   = 0 (our first release) the ReLU sat at its kink with zero gradient and those six
+        #   parameters never moved.
+        # - beta2 = 0.05 w: gamma3's gradient is proportional to beta2 (the reference starts at 0,
+        #   which freezes gamma3).
+        # - eta = 0 and b = 0: their gradients are the counts of active cells, non-zero.
         out += [
             ParamSpec("w", w_init, 1.0, 1e-5, doc="amplitude of the HI transform (eq 13)"),
             ParamSpec("mu", 1.0, 1.0, 0.1, doc="power of 1+delta in eq 13"),
             ParamSpec("b", 0.0, 1.0, doc="threshold of eq 13"),
-            ParamSpec("beta1", 0.0, 1.0, doc="depletion around stars, filtered term (eq 14)"),
-            ParamSpec("beta2", 0.0, 1.0, doc="local stellar conversion term (eq 14)"),
+            ParamSpec(
+                "beta1", 0.6 * w_init, 1.0, doc="depletion around stars, filtered term (eq 14)"
+            ),
+            ParamSpec("beta2", 0.05 * w_init, 1.0, doc="local stellar conversion term (eq 14)"),
             ParamSpec("eta", 0.0, 1.0, doc="offset inside the depletion ReLU (eq 14)"),
             ParamSpec("gamma3", 1.0, 1.0, 0.05, 2.0, doc="power of 1+delta_star (eq 14)"),
             ParamSpec("kIh", 1.0, 1.0, 0.0, doc="large-scale cut of O_I (eq 15, h/Mpc)"),
             ParamSpec("kIl", 8.0, 1.0, 0.1, doc="small-scale cut of O_I (eq 15, h/Mpc)"),
-            ParamSpec("nuI", 0.0, 1.0, doc="power of k in O_I (eq 15)"),
-            ParamSpec("xi", 0.0, 1.0, doc="constant of O_I (eq 15)"),
+            ParamSpec("nuI", 0.0, 1.0, -NU_MAX, NU_MAX, doc="power of k in O_I (eq 15)"),
+            ParamSpec("xi", 1.0, 1.0, doc="constant of O_I (eq 15)"),
         ]
         if hi_shift:
             out.append(ParamSpec("zs", 0.0, 1.0, doc="shift inside the power of eq 13"))

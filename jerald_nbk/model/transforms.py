@@ -8,7 +8,9 @@ import jax.numpy as jnp
 from ..pm.base import ParticleMesh
 from .layers import EPS
 
-#: floor applied to the stellar map before it is normalised into ``1 + delta_star`` (model.md)
+#: floor of ``1 + delta_star``, relative to the stellar map's mean (model.md: "floored at a tiny
+#: positive value"). Relative, so that the HI model does not depend on the units of the stellar map
+#: (an absolute 1e-8 in 1e10 Msun/h is a different floor from 1e-8 in Msun/h).
 STAR_FLOOR = 1e-8
 
 
@@ -23,15 +25,19 @@ def stellar_transform(one_plus_delta, w, mu, b):
 
 
 def star_overdensity(pm: ParticleMesh, stellar_map):
-    """``1 + delta_star``: the stellar map floored at a tiny positive value and divided by its mean."""
-    m = jnp.maximum(stellar_map, STAR_FLOOR)
+    """``1 + delta_star``: the stellar map over its mean, floored at :data:`STAR_FLOOR`, renormalised.
+
+    Independent of the stellar map's units: a map in Msun/h and the same map in 1e10 Msun/h give the
+    same ``1 + delta_star``.
+    """
+    m = stellar_map / (pm.sum(stellar_map) / pm.ncells)
+    m = jnp.maximum(m, STAR_FLOOR)
     return m / (pm.sum(m) / pm.ncells)
 
 
 def filter_OI(pm: ParticleMesh, kIh, kIl, nuI, xi):
-    """Eq 15: ``O_I(k) = exp(-kIh/k) exp(-k/kIl) k^nuI + xi`` with k = 0 floored (model.md)."""
-    k = pm.knorm()
-    return jnp.exp(-kIh / k - k / kIl) * k**nuI + xi
+    """Eq 15: ``O_I(k) = exp(-kIh/k) exp(-k/kIl) k^nuI + xi``; ``O_I(0) = xi`` (``K0_VALUES``)."""
+    return pm.fourier_factor("depletion", lambda k: jnp.exp(-kIh / k - k / kIl) * k**nuI) + xi
 
 
 def hi_transform(pm: ParticleMesh, one_plus_delta, star, p: dict):

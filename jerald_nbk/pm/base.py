@@ -87,6 +87,12 @@ class ParticleMesh(abc.ABC):
 
         return fourier.knorm(self.kvec(), xp=jnp)
 
+    def fourier_factor(self, kind: str, fn):
+        """``fn(|k|)`` on the local complex mesh with the k = 0 value of :data:`fourier.K0_VALUES`."""
+        import jax.numpy as jnp
+
+        return fourier.fourier_factor(self.kvec(), kind, fn, xp=jnp)
+
     def gradient_kernels(self, order=6) -> tuple:
         """The three Fourier gradient factors ``1j D(k_i)`` (see :func:`fourier.gradient_kernel`)."""
         import jax.numpy as jnp

@@ -18,9 +18,24 @@ from collections.abc import Sequence
 
 import numpy as np
 
-#: value that replaces |k| = 0 before negative powers, kh/k and similar (model.md: "k=0 replaced by a
-#: tiny positive number"). Small enough that exp(-kh/k) underflows to exactly 0 at k = 0.
+#: value that replaces |k| = 0 in :func:`knorm` (for plots and diagnostics). The model's Fourier
+#: factors never evaluate a power of this floor: they go through :func:`fourier_factor`.
 K_FLOOR = 1e-8
+
+#: The one k = 0 policy: what every Fourier-space factor of the model is at k = 0, and why.
+#:
+#: * ``"green"`` (eqs 6, 7: ``exp(-kh/k)...k^nu`` and ``exp(-(kh/k)^2)...k^nu``): **0**. It is the
+#:   limit for ``kh > 0`` (the large-scale cut-off), and it does not matter anyway: a Green's
+#:   function is only ever multiplied by a gradient kernel, which vanishes at k = 0.
+#: * ``"depletion"`` (eq 15, the ``exp(-kIh/k) exp(-k/kIl) k^nuI`` part of ``O_I``; the constant
+#:   ``xi`` is added after): **0**, its limit for ``kIh > 0``, so ``O_I(0) = xi``. Evaluating it at a
+#:   floored k instead gives ``(1e-8)^nuI``, which overflows for ``kIh -> 0`` and ``nuI < 0``; the
+#:   mean it would weight is a constant that ``eta`` absorbs.
+#: * ``"smoothing"`` (eq 11, ``O_s = 1 + k^-n``): **1**. The mean of the residual is weighted like
+#:   any unsmoothed mode (the reference code tests ``k == 0`` after flooring it and weights the mean
+#:   by ``1e8^n``).
+#: * ``"lowpass"`` (Gaussian smoothing of maps for figures of merit): **1**, its limit.
+K0_VALUES = {"green": 0.0, "depletion": 0.0, "smoothing": 1.0, "lowpass": 1.0}
 
 #: orders of the Fourier-space gradient: 4th and 6th order finite differences, and the exact ik.
 GRADIENT_ORDERS = (4, 6, "exact")
@@ -74,6 +89,34 @@ def knorm(kvec, xp=np, floor: float = K_FLOOR):
     k2 = kvec[0] ** 2 + kvec[1] ** 2 + kvec[2] ** 2
     k = xp.sqrt(k2)
     return xp.where(k2 > 0, k, floor)
+
+
+def fourier_factor(kvec, kind: str, fn, xp=np):
+    """A Fourier-space factor ``fn(|k|)``, with its k = 0 value from :data:`K0_VALUES`.
+
+    Parameters
+    ----------
+    kvec : tuple of 3 arrays
+        k-vector components (h/Mpc), broadcastable to the (local) complex mesh.
+    kind : str
+        A key of :data:`K0_VALUES` saying which factor this is.
+    fn : callable
+        ``fn(k)`` for ``k > 0``; it is evaluated at ``k = 1`` on the k = 0 mode and the result is
+        masked, so no power of a tiny k is ever formed (finite values *and* gradients: ``where``
+        only masks a gradient that is finite on both branches).
+    xp : module
+        ``numpy`` or ``jax.numpy``.
+
+    Returns
+    -------
+    array broadcast over the complex mesh.
+    """
+    if kind not in K0_VALUES:
+        raise ValueError(f"unknown Fourier factor kind {kind!r}; one of {sorted(K0_VALUES)}")
+    k2 = kvec[0] ** 2 + kvec[1] ** 2 + kvec[2] ** 2
+    nonzero = k2 > 0
+    k = xp.sqrt(xp.where(nonzero, k2, 1.0))
+    return xp.where(nonzero, fn(k), K0_VALUES[kind])
 
 
 def gradient_kernel(k_i, cell: float, order=6, nyquist_k: float | None = None, xp=np):
