@@ -1,11 +1,40 @@
-"""Small shared helpers: atomic file writes and MPI rank checks."""
+"""Small shared helpers: atomic writes that never clobber what they did not create, content
+fingerprints, a per-directory run lock, MPI rank checks and strict JSON.
+
+Outputs
+-------
+:func:`atomic_write` (one file) and :func:`atomic_dir` (a directory: bigfile meshes and catalogs)
+build the output under a temporary sibling name and rename it into place, so a reader never sees a
+half-written output and a failure leaves the previous one untouched. Files and folders get the
+permissions the umask allows (``0666 & ~umask``, ``0777 & ~umask``), not the ``0600``/``0700`` of
+:func:`tempfile.mkstemp`/:func:`tempfile.mkdtemp`.
+
+:func:`atomic_dir` replaces an existing directory only when it is a previous output of ours: it
+holds the marker file :data:`OUTPUT_MARKER`, written with every output and listing the files it
+wrote, and nothing else (an empty directory also qualifies). Anything else at the path (a user's
+folder, a file, a link, one of our outputs with a file added) is an error naming it
+(:class:`ForeignOutputError`) unless ``overwrite=True``.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import shutil
+import socket
+import sys
 import tempfile
+import time
+import uuid
+import warnings
 from pathlib import Path
+
+#: marker file in every directory :func:`atomic_dir` writes (JSON: writer, version, files)
+OUTPUT_MARKER = ".jerald_nbk-output.json"
+#: lock file :func:`run_lock` holds in a run directory (JSON: host, pid, start time, command)
+LOCK_NAME = ".jerald.lock"
 
 
 def json_safe(obj):
@@ -32,17 +61,52 @@ def is_root(comm=None) -> bool:
     return comm is None or comm.rank == 0
 
 
+# ------------------------------------------------------------------------------ permissions
+
+
+def current_umask() -> int:
+    """The process umask (read from ``/proc`` where possible, which leaves it untouched)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def default_mode(directory: bool = False) -> int:
+    """Permissions a new file (``0666``) or directory (``0777``) gets under the current umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+# ------------------------------------------------------------------------------ atomic outputs
+
+
+class ForeignOutputError(FileExistsError):
+    """An output path holds something jerald-nbk did not write; it is left untouched."""
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode: str = "w"):
     """Open a temporary file next to ``path``; on success rename it onto ``path``.
 
     A reader never sees a half-written file, and an exception (or an interrupt) leaves any previous
-    file untouched and no temporary behind.
+    file untouched and no temporary behind. The file gets ``0666 & ~umask`` permissions.
+
+    Parameters
+    ----------
+    path : str or Path
+        Destination file; its parent directories are created.
+    mode : str
+        ``open`` mode of the temporary file (``"w"`` or ``"wb"``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, default_mode())
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
@@ -54,57 +118,444 @@ def atomic_write(path, mode: str = "w"):
         raise
 
 
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Move a finished directory onto ``path``, replacing any previous one."""
-    import shutil
+def _files_under(root: Path) -> list[str]:
+    """Every non-directory entry under ``root`` (links not followed), as sorted relative paths."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        out += [str(rel / f) for f in filenames]
+        # links to directories show up in dirnames: they are entries of their own, not followed
+        out += [str(rel / d) for d in dirnames if (Path(dirpath) / d).is_symlink()]
+    return sorted(os.path.normpath(f) for f in out)
 
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+
+def foreign_content(path) -> str | None:
+    """Why ``path`` is not something :func:`atomic_dir` may replace, or None when it may.
+
+    It may be replaced when it does not exist, is an empty directory, or is a previous output of
+    ours: a directory holding :data:`OUTPUT_MARKER` and no file that the marker does not list.
+
+    Parameters
+    ----------
+    path : str or Path
+
+    Returns
+    -------
+    str or None
+        A sentence naming ``path`` (and the first foreign file in it), or None.
+    """
+    path = Path(path)
+    if not os.path.lexists(path):
+        return None
+    if path.is_symlink():
+        return f"{path} is a symbolic link, not a jerald-nbk output"
+    if not path.is_dir():
+        return f"{path} is a file, not a jerald-nbk output"
+    marker = path / OUTPUT_MARKER
+    if not marker.is_file():
+        with os.scandir(path) as it:
+            if next(it, None) is None:
+                return None  # an empty directory: nothing to lose
+        return f"{path} exists and is not a jerald-nbk output (no {OUTPUT_MARKER} in it)"
+    try:
+        listed = set(json.loads(marker.read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{path}: its marker {marker} is unreadable, so it may hold files of someone else's"
+    extra = [f for f in _files_under(path) if f not in listed and f != OUTPUT_MARKER]
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        return f"{path} holds {path / extra[0]}{more}, which jerald-nbk did not write"
+    return None
+
+
+def check_output(path, overwrite: bool = False, what: str = "output") -> None:
+    """Raise :class:`ForeignOutputError` if ``path`` holds something we must not replace.
+
+    Parameters
+    ----------
+    path : str or Path
+        An output directory about to be written by :func:`atomic_dir`.
+    overwrite : bool
+        Allow replacing whatever is there (the check passes).
+    what : str
+        What the path is, for the message (e.g. ``"mesh"``).
+    """
+    if overwrite:
+        return
+    reason = foreign_content(path)
+    if reason is not None:
+        raise ForeignOutputError(
+            f"{what} {path}: {reason}; it is left untouched. Remove it, choose another path, "
+            "or pass overwrite=True (--overwrite on the command line) to replace it"
+        )
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
     else:
-        os.replace(tmp, path)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Move a finished directory onto ``path``; whatever stood there goes only once it is in place."""
+    if os.path.lexists(path):
+        old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+        os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)
+            raise
+        _remove(old)
+    else:
+        os.replace(tmp, path)  # fails (no harm done) if a non-empty directory appeared meanwhile
+
+
+def _mark_output(tmp: Path) -> None:
+    """Write :data:`OUTPUT_MARKER` into a finished output directory, listing its files."""
+    from . import __version__
+
+    doc = {"writer": "jerald_nbk", "version": __version__, "files": _files_under(tmp)}
+    (tmp / OUTPUT_MARKER).write_text(json.dumps(doc, indent=1))
+
+
+def _make_tmp_dir(path: Path, overwrite: bool) -> Path:
+    check_output(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, default_mode(directory=True))
+    return tmp
+
+
+def _finish_dir(tmp: Path, path: Path, overwrite: bool) -> None:
+    _mark_output(tmp)
+    check_output(path, overwrite)  # again: something may have appeared while we wrote
+    _replace_dir(tmp, path)
 
 
 @contextlib.contextmanager
-def atomic_dir(path, comm=None):
+def atomic_dir(path, comm=None, overwrite: bool = False):
     """Build a directory under a temporary name; rename it onto ``path`` on success.
 
     For multi-file outputs (bigfile meshes and catalogs): an existing ``path`` is replaced only once
-    the new one is complete. With an MPI ``comm`` every rank enters the block (collective writers):
-    rank 0 creates the temporary directory and renames it once every rank has left the block
-    without error; after an error on any rank it is removed and ``path`` is left untouched.
-    """
-    import shutil
+    the new one is complete, and only if it is a previous output of ours (see
+    :func:`foreign_content`) or ``overwrite`` is true. The finished directory gets the marker
+    :data:`OUTPUT_MARKER` and ``0777 & ~umask`` permissions. With an MPI ``comm`` every rank enters
+    the block (collective writers): rank 0 creates the temporary directory and renames it once every
+    rank has left the block without error; after an error on any rank it is removed and ``path`` is
+    left untouched.
 
+    Parameters
+    ----------
+    path : str or Path
+        The output directory.
+    comm : MPI communicator, optional
+        Collective use by every rank of ``comm``.
+    overwrite : bool
+        Replace whatever stands at ``path``, ours or not.
+
+    Raises
+    ------
+    ForeignOutputError
+        ``path`` holds something that is not a previous output of ours (before anything is
+        written, and again before the rename); it is left untouched.
+    """
     path = Path(path)
     if comm is None or comm.size == 1:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = _make_tmp_dir(path, overwrite)
         try:
             yield tmp
-            _replace_dir(tmp, path)
+            _finish_dir(tmp, path, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return
     from mpi4py import MPI
 
-    tmp = None
+    tmp, error = None, None
     if comm.rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(comm.bcast(tmp, root=0))
+        try:
+            tmp = str(_make_tmp_dir(path, overwrite))
+        except Exception as err:  # noqa: BLE001 - raised on every rank below
+            error = err
+    tmp, error = comm.bcast((tmp, error), root=0)
+    if error is not None:
+        raise error
+    tmp = Path(tmp)
     ok = False
     try:
         yield tmp
         ok = True
     finally:
         ok = comm.allreduce(ok, op=MPI.LAND)
+        error = None
         if comm.rank == 0:
             if ok:
-                _replace_dir(tmp, path)
-            else:
+                try:
+                    _finish_dir(tmp, path, overwrite)
+                except Exception as err:  # noqa: BLE001 - raised on every rank below
+                    error = err
+            if not ok or error is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
-        comm.barrier()
+        error = comm.bcast(error, root=0)
+        if error is not None and ok:
+            raise error
+
+
+# ------------------------------------------------------------------------------ fingerprints
+
+_HEAD = 1024  # elements (arrays) hashed at each end
+_SAMPLE = 65536  # evenly spaced elements (arrays) hashed in between
+_CHUNK = 4096  # bytes per sampled chunk of a file
+_CHUNKS = 64  # sampled chunks per file, besides its head and tail
+
+
+def fingerprint_array(array) -> dict:
+    """A content fingerprint of an array (numpy or JAX): cheap, not a full hash.
+
+    Shape, dtype, the sum of all elements, and a SHA-256 of the first and last
+    elements and an evenly spaced sample of the rest: any change of scale, any shift and almost any
+    edit changes it.
+
+    Parameters
+    ----------
+    array : array_like
+
+    Returns
+    -------
+    dict
+        ``{"shape", "dtype", "sum", "sha256"}`` (``sum`` as a string: NaN compares equal).
+    """
+    import numpy as np
+
+    if not hasattr(array, "reshape"):
+        array = np.asarray(array)
+    shape = [int(n) for n in array.shape]
+    h = hashlib.sha256(f"{shape} {array.dtype}".encode())
+    flat = array.reshape(-1)
+    n = int(flat.shape[0])
+    total = "0"
+    if n:
+        stride = max(1, n // _SAMPLE)
+        for part in (flat[:_HEAD], flat[::stride][:_SAMPLE], flat[-_HEAD:]):
+            h.update(np.ascontiguousarray(np.asarray(part)).tobytes())
+        total = repr(float(np.asarray(array.sum())))
+    return {"shape": shape, "dtype": str(array.dtype), "sum": total, "sha256": h.hexdigest()[:32]}
+
+
+def fingerprint_file(path) -> dict:
+    """A content fingerprint of a file or directory tree (e.g. a bigfile): cheap, not a full hash.
+
+    Total size, number of files, and a SHA-256 of every file's relative name and size, its first
+    and last 64 KiB and 64 evenly spaced 4 KiB chunks. Hidden files (our output marker, the run
+    lock, temporaries) are left out.
+
+    Parameters
+    ----------
+    path : str or Path
+
+    Returns
+    -------
+    dict
+        ``{"path", "size", "files", "sha256"}``; compare all but ``path``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = [
+            (f, path / f)
+            for f in _files_under(path)
+            if not any(part.startswith(".") for part in Path(f).parts)
+        ]
+    else:
+        files = [(path.name, path)]
+    h = hashlib.sha256()
+    total = 0
+    for name, f in files:
+        size = f.stat().st_size
+        total += size
+        h.update(f"{name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= 2 * 65536 + _CHUNKS * _CHUNK:
+                h.update(fh.read())
+                continue
+            h.update(fh.read(65536))
+            step = (size - 2 * 65536) // _CHUNKS
+            for i in range(_CHUNKS):
+                fh.seek(65536 + i * step)
+                h.update(fh.read(_CHUNK))
+            fh.seek(size - 65536)
+            h.update(fh.read())
+    return {"path": str(path), "size": total, "files": len(files), "sha256": h.hexdigest()[:32]}
+
+
+# ------------------------------------------------------------------------------ run lock
+
+
+class RunLockedError(OSError):
+    """Another process holds the run directory's lock."""
+
+
+class StaleLockWarning(UserWarning):
+    """A lock left by a process that no longer runs was taken over."""
+
+
+_HELD: dict[str, int] = {}  # locks this process holds (real path -> depth): run_lock nests
+_CREATED: dict[str, bool] = {}  # whether taking the lock created its directory
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _read_lock(lock: Path) -> dict | None:
+    """The lock's record; None if it vanished; ``{}`` if it cannot be parsed (torn or foreign)."""
+    try:
+        text = lock.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(text)
+        return doc if isinstance(doc, dict) else {}
+    except ValueError:
+        return {}
+
+
+def _describe_lock(doc: dict) -> str:
+    return (
+        f"host {doc.get('host', '?')}, pid {doc.get('pid', '?')}, since {doc.get('since', '?')}"
+        + (f": {doc['command']}" if doc.get("command") else "")
+    )
+
+
+def _stale(lock: Path, doc: dict) -> bool:
+    if not doc:  # unparseable: a writer that died between create and write, or being written now
+        with contextlib.suppress(FileNotFoundError):
+            return time.time() - lock.stat().st_mtime > 10.0
+        return False
+    if doc.get("host") != socket.gethostname() or not isinstance(doc.get("pid"), int):
+        return False
+    return doc["pid"] == os.getpid() or not _pid_alive(doc["pid"])
+
+
+def _take_over(lock: Path, doc: dict) -> None:
+    """Remove a stale lock, unless another process replaced it meanwhile."""
+    aside = lock.with_name(f"{LOCK_NAME}.{os.getpid()}.{uuid.uuid4().hex[:8]}.stale")
+    try:
+        os.replace(lock, aside)
+    except FileNotFoundError:
+        return  # someone else took it over first
+    if _read_lock(aside) != doc:  # a fresh lock of another process: put it back
+        with contextlib.suppress(OSError):
+            os.link(aside, lock)
+        aside.unlink()
+        return
+    aside.unlink()
+    warnings.warn(
+        f"taking over the stale lock {lock} of a process that no longer runs ({_describe_lock(doc)})",
+        StaleLockWarning,
+        stacklevel=4,
+    )
+
+
+def _acquire(directory: Path, what: str) -> str:
+    created = not os.path.lexists(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / LOCK_NAME
+    key = os.path.realpath(lock)
+    if key in _HELD:
+        _HELD[key] += 1
+        return key
+    me = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(sys.argv),
+    }
+    for _ in range(50):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, default_mode())
+        except FileExistsError:
+            doc = _read_lock(lock)
+            if doc is None:
+                continue  # released meanwhile: try again
+            if _stale(lock, doc):
+                _take_over(lock, doc)
+                continue
+            if not doc:
+                time.sleep(0.1)  # being written: read it again
+                continue
+            raise RunLockedError(
+                f"{what} {directory} is in use by another run ({_describe_lock(doc)}). Wait for it "
+                f"to finish or choose another output directory; if that run is gone (e.g. on "
+                f"another host), delete {lock}"
+            ) from None
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        _HELD[key] = 1
+        _CREATED[key] = created
+        return key
+    raise RunLockedError(f"{what} {directory}: cannot take the lock {lock} (it keeps changing)")
+
+
+def _release(key: str) -> None:
+    _HELD[key] -= 1
+    if _HELD[key]:
+        return
+    del _HELD[key]
+    created = _CREATED.pop(key, False)
+    lock = Path(key)
+    doc = _read_lock(lock)
+    if doc and doc.get("pid") == os.getpid() and doc.get("host") == socket.gethostname():
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+        if created:  # a run that failed before writing anything leaves no empty directory
+            with contextlib.suppress(OSError):
+                lock.parent.rmdir()
+
+
+@contextlib.contextmanager
+def run_lock(directory, comm=None, what: str = "run directory"):
+    """Hold the lock file :data:`LOCK_NAME` in ``directory`` (created if needed) for the block.
+
+    A second process asking for the same directory gets :class:`RunLockedError` naming the
+    holder's host and pid. A lock whose process is gone (same host, dead pid) is taken over with a
+    :class:`StaleLockWarning`. Nested use in one process is allowed (the outermost releases). With
+    an MPI ``comm``, rank 0 holds the lock for all ranks and every rank raises its error. A
+    directory the lock created and nothing else filled is removed again on release.
+
+    Parameters
+    ----------
+    directory : str or Path
+    comm : MPI communicator, optional
+    what : str
+        What the directory is, for the message.
+
+    Yields
+    ------
+    Path
+        The lock file.
+    """
+    directory = Path(directory)
+    key, error = None, None
+    if is_root(comm):
+        try:
+            key = _acquire(directory, what)
+        except Exception as err:  # noqa: BLE001 - raised on every rank below
+            error = err
+    if comm is not None and comm.size > 1:
+        error = comm.bcast(error, root=0)
+    if error is not None:
+        raise error
+    try:
+        yield directory / LOCK_NAME
+    finally:
+        if key is not None:
+            _release(key)

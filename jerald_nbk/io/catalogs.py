@@ -205,13 +205,16 @@ def write_catalog(
     attrs: Mapping | None = None,
     dataset: str | None = "1",
     comm=None,
+    overwrite: bool = False,
 ) -> None:
     """Write a bigfile catalog that :func:`read_catalog` and nbodykit's ``BigFileCatalog`` read.
 
     Parameters
     ----------
     path : str or Path
-        Output bigfile directory; an existing one is replaced as a whole, atomically.
+        Output bigfile directory. It is built under a temporary sibling name and renamed into
+        place; an existing output of ours is replaced as a whole, anything else there is an error
+        (see :func:`jerald_nbk.utils.atomic_dir`) unless ``overwrite``.
     columns : dict of str to array
         Columns with the same first dimension; ``Position`` and ``Velocity`` must be (N, 3).
     attrs : mapping, optional
@@ -222,21 +225,25 @@ def write_catalog(
     comm : MPI communicator, optional
         Each rank passes its own rows; they are written in rank order. All ranks raise if any
         rank's input is bad or the write fails, and then nothing is left on disk.
+    overwrite : bool
+        Replace whatever stands at ``path`` (default: only a previous output of ours).
 
     Raises
     ------
     ValueError
         Bad columns or attributes; nothing is written.
+    jerald_nbk.utils.ForeignOutputError
+        ``path`` holds something that is not a previous output of ours; it is left untouched.
     """
     path = Path(path)
     prefix = _prefix(dataset)
     attrs = dict(attrs or {})
     if comm is None or comm.size == 1:
         cols = _check_columns(path, columns)
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, overwrite=overwrite) as tmp:
             _write_serial(tmp, path, cols, attrs, prefix)
         return
-    _write_mpi(path, columns, attrs, prefix, comm)
+    _write_mpi(path, columns, attrs, prefix, comm, overwrite)
 
 
 def _nfile(n: int) -> int:
@@ -256,7 +263,7 @@ def _write_serial(tmp: Path, path: Path, cols: dict, attrs: dict, prefix: str) -
                     bb.write(0, arr)
 
 
-def _write_mpi(path: Path, columns, attrs: dict, prefix: str, comm) -> None:
+def _write_mpi(path: Path, columns, attrs: dict, prefix: str, comm, overwrite: bool) -> None:
     import bigfile
 
     where_rank = f" on rank {comm.rank}"
@@ -296,21 +303,28 @@ def _write_mpi(path: Path, columns, attrs: dict, prefix: str, comm) -> None:
     if comm.rank == 0:
         sent = False
         try:
-            with atomic_dir(path) as tmp:
+            with atomic_dir(path, overwrite=overwrite) as tmp:
                 comm.bcast(str(tmp), root=0)
                 sent = True
                 errors = comm.allgather(body(tmp))
                 first = next((e for e in errors if e is not None), None)
                 if first is not None:
                     raise first
+        except Exception as err:
+            if not sent:  # release the other ranks with rank 0's reason: no directory to write to
+                comm.bcast(err, root=0)
+                sent = True
+            raise
         finally:
             if not sent:
-                comm.bcast(None, root=0)  # release the other ranks: no directory to write to
+                comm.bcast(None, root=0)
             comm.barrier()  # the others return only once the directory is renamed or removed
     else:
         tmp = comm.bcast(None, root=0)
-        if tmp is None:
+        if not isinstance(tmp, str):
             comm.barrier()
+            if isinstance(tmp, BaseException):
+                raise tmp
             raise OSError(f"catalog {path}: rank 0 could not create the temporary output directory")
         errors = comm.allgather(body(tmp))
         first = next((e for e in errors if e is not None), None)

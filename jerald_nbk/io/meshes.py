@@ -14,25 +14,32 @@ plus any user attributes (values bigfile cannot store are kept as ``"json://..."
 attributes) in the JSON sidecar ``name.npy.json``. :func:`write_mesh` always writes the sidecar;
 :func:`read_mesh` needs it, or the caller's ``BoxSize`` when it is absent.
 
-Writes are atomic: a failed write leaves any previous file at ``path`` untouched and no temporary
-behind. An existing bigfile at ``path`` is replaced as a whole (other datasets in it included).
+Writes are atomic: the output is built under a temporary sibling name and renamed into place, so
+a failed write leaves any previous file at ``path`` untouched and no temporary behind. An existing
+output is replaced only if it is one of ours (a bigfile directory with jerald-nbk's output marker
+and no other files, see :func:`jerald_nbk.utils.foreign_content`; a ``.npy`` whose sidecar records
+``written_by: jerald_nbk ...``), as a whole (other datasets in it included); anything else at the
+path is an error naming it, unless ``overwrite=True``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from ..utils import atomic_dir, atomic_write
+from ..utils import ForeignOutputError, atomic_dir, atomic_write
 from . import _bigfile
 
 __all__ = ["write_mesh", "read_mesh", "sidecar_path"]
 
 #: attributes a real mesh always carries (nbodykit's BigFileMesh needs all three)
 MESH_ATTRS = ("Nmesh", "BoxSize", "ndarray.shape")
+#: sidecar key of a ``.npy`` mesh written by :func:`write_mesh` (how we recognise our own outputs)
+WRITTEN_BY = "written_by"
 
 
 def sidecar_path(path) -> Path:
@@ -79,6 +86,7 @@ def write_mesh(
     attrs: Mapping | None = None,
     dataset: str = "Field",
     comm=None,
+    overwrite: bool = False,
 ) -> None:
     """Write a real mesh as a bigfile (or ``.npy`` + JSON sidecar) that nbodykit can read.
 
@@ -98,14 +106,19 @@ def write_mesh(
     comm : MPI communicator, optional
         With a communicator, ``array`` is the whole mesh on rank 0 (ignored elsewhere); rank 0
         writes, and every rank returns once the file is complete or raises rank 0's error.
+    overwrite : bool
+        Replace whatever stands at ``path`` (default: only a previous output of ours).
 
     Raises
     ------
     ValueError
         Bad array, BoxSize or attributes; nothing is written.
+    ForeignOutputError
+        ``path`` (or the ``.npy`` sidecar) holds something that is not a previous output of ours;
+        it is left untouched.
     """
     if comm is not None and comm.size > 1:
-        _on_root(comm, lambda: write_mesh(path, array, BoxSize, attrs, dataset, comm=None))
+        _on_root(comm, lambda: write_mesh(path, array, BoxSize, attrs, dataset, None, overwrite))
         return
 
     path = Path(path)
@@ -127,9 +140,11 @@ def write_mesh(
                     f"{where}: attribute {key!r} of type {type(value).__name__} cannot be stored "
                     "in the JSON sidecar"
                 ) from err
-        meta = {"BoxSize": box.tolist(), "Nmesh": nmesh.tolist(), **attrs}
+        meta = {"BoxSize": box.tolist(), "Nmesh": nmesh.tolist(), **attrs, WRITTEN_BY: _writer()}
         # serialised before anything is written, so a bad attribute leaves no file behind
         text = json.dumps(meta, cls=_bigfile._NumpyJSON, indent=1)
+        if not overwrite:
+            _check_npy_output(path)
         with atomic_write(path, "wb") as fh:
             np.save(fh, arr)
         with atomic_write(sidecar_path(path), "w") as fh:
@@ -140,7 +155,7 @@ def write_mesh(
 
     if not dataset or dataset.startswith("/") or dataset.endswith("/"):
         raise ValueError(f"{where}: dataset name must be a relative block name, got {dataset!r}")
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, overwrite=overwrite) as tmp:
         with bigfile.File(str(tmp), create=True) as ff:
             # C-order flattening is what pmesh's RealField.ravel/unravel use for the global mesh
             with ff.create_from_array(dataset, arr.reshape(-1), Nfile=1) as bb:
@@ -148,6 +163,34 @@ def write_mesh(
                 bb.attrs["BoxSize"] = box
                 bb.attrs["Nmesh"] = nmesh
                 _bigfile.set_attrs(bb, attrs, f"{where}: dataset {dataset!r}")
+
+
+def _writer() -> str:
+    from .. import __version__
+
+    return f"jerald_nbk {__version__}"
+
+
+def _check_npy_output(path: Path) -> None:
+    """Raise if ``path`` or its sidecar exists and is not a ``.npy`` mesh we wrote."""
+    side = sidecar_path(path)
+    present = [p for p in (path, side) if os.path.lexists(p)]
+    if not present:
+        return
+    ours = False
+    if side.is_file() and not side.is_symlink():
+        try:
+            doc = json.loads(side.read_text())
+            ours = isinstance(doc, dict) and str(doc.get(WRITTEN_BY, "")).startswith("jerald_nbk")
+        except (OSError, ValueError):
+            ours = False
+    if ours and (not os.path.lexists(path) or (path.is_file() and not path.is_symlink())):
+        return
+    raise ForeignOutputError(
+        f"mesh {path}: {present[0]} exists and is not a jerald-nbk output (no sidecar recording "
+        f"'{WRITTEN_BY}: jerald_nbk'); it is left untouched. Remove it, choose another path, or "
+        "pass overwrite=True (--overwrite on the command line) to replace it"
+    )
 
 
 def read_mesh(
