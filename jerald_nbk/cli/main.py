@@ -64,7 +64,19 @@ def _add_training(p: argparse.ArgumentParser) -> None:
         help="early stopping after this many steps without a better validation loss",
     )
     g.add_argument(
-        "--no-resume", action="store_true", help="start afresh even if a checkpoint exists"
+        "--no-resume",
+        action="store_true",
+        help="start afresh even if --out holds a checkpoint (its state is discarded)",
+    )
+    g.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume even if the checkpoint's inputs or training options differ from these",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files in --out that are not a jerald training run's (default: refuse)",
     )
 
 
@@ -163,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-particles", action="store_true", help="also write the DM-improved catalog"
     )
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing paths in --out that are not jerald outputs (default: refuse)",
+    )
 
     p = sub.add_parser(
         "power",
@@ -281,10 +298,81 @@ def _train_config(args):
     )
 
 
+#: what ``jerald train`` writes into ``--out``
+TRAIN_OUTPUTS = (
+    "checkpoint.npz",
+    "metrics.jsonl",
+    "params.json",
+    "params_final.json",
+    "training.png",
+    "parameters.png",
+)
+
+
+def _check_train_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` holding files with our names that are not a training run of ours.
+
+    A directory with a readable jerald checkpoint is a run of ours (resumed or restarted as asked).
+    Otherwise any of :data:`TRAIN_OUTPUTS` there is an error naming them, unless ``overwrite``.
+    """
+    from ..train.loop import is_checkpoint
+    from ..utils import ForeignOutputError
+
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ForeignOutputError(f"--out {out} is a file, not a directory; it is left untouched")
+    ckpt = out / "checkpoint.npz"
+    if ckpt.exists() and is_checkpoint(ckpt):
+        return
+    present = [out / n for n in TRAIN_OUTPUTS if (out / n).exists()]
+    if present and not overwrite:
+        raise ForeignOutputError(
+            f"--out {out} holds {', '.join(map(str, present))} but no jerald training checkpoint: "
+            "they are left untouched. Choose another --out, remove them, or pass --overwrite to "
+            "replace them"
+        )
+
+
 def cmd_train(args) -> int:
+    from ..train.loop import TrainingInterrupted
+
+    if args.no_resume and args.force_resume:
+        raise SystemExit("jerald train: --no-resume and --force-resume exclude each other")
+    try:
+        return _train(args)
+    except TrainingInterrupted as err:
+        print(f"jerald train: {err}", file=sys.stderr)
+        return err.exit_status
+    except KeyboardInterrupt:
+        print(
+            f"jerald train: interrupted; the last checkpoint in {args.out} (if any) is kept: run "
+            "the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _train_inputs(args) -> dict:
+    """What ``jerald train`` knows of its inputs: file fingerprints and settings (run identity)."""
+    from ..utils import fingerprint_file
+
+    files = {
+        "particles file": args.particles,
+        "target map file": args.target_map,
+        "dm params file": args.dm_params,
+        "stellar params file": args.stellar_params,
+    }
+    doc = {name: fingerprint_file(path) for name, path in files.items() if path}
+    return doc | {"dataset": args.dataset, "target scale": args.target_scale}
+
+
+def _train(args) -> int:
     from .. import workflow as wf
     from ..io import read_mesh
+    from ..train.loop import run_options
     from ..train.validate import check_particles, check_target
+    from ..utils import run_lock
 
     _, mattrs = read_mesh(args.target_map)
     nmesh = tuple(int(n) for n in mattrs["Nmesh"])
@@ -321,20 +409,35 @@ def cmd_train(args) -> int:
         "stellar_params": args.stellar_params,
         "command": " ".join(sys.argv),
     }
-    run = wf.train_stage(
-        pm,
-        args.target,
-        pos,
-        target_map,
-        args.out,
-        args.layers,
-        _train_config(args),
-        order,
-        args.hi_shift,
-        star=star,
-        provenance=prov,
-        resume=not args.no_resume,
-    )
+    out = Path(args.out)
+    inputs = None
+    if pm.comm is None or pm.comm.rank == 0:
+        inputs = _train_inputs(args)
+    if pm.comm is not None and pm.comm.size > 1:
+        inputs = pm.comm.bcast(inputs, root=0)
+    with run_lock(out, pm.comm, "--out"):
+        if pm.comm is None or pm.comm.rank == 0:
+            _check_train_out(out, args.overwrite)
+        if pm.comm is not None:
+            pm.comm.Barrier()
+        options = run_options(
+            inputs=inputs, force_resume=args.force_resume, overwrite=args.overwrite
+        )
+        with options:
+            run = wf.train_stage(
+                pm,
+                args.target,
+                pos,
+                target_map,
+                out,
+                args.layers,
+                _train_config(args),
+                order,
+                args.hi_shift,
+                star=star,
+                provenance=prov,
+                resume=not args.no_resume,
+            )
     if pm.comm is None or pm.comm.rank == 0:
         r = run.result
         print(
@@ -381,6 +484,12 @@ def cmd_paint(args) -> int:
     x = pipe.improve(pos)
     pipe_maps = pipe.maps(pos, improved=x)
     out = Path(args.out)
+    # every output is checked before any is written: a refusal leaves nothing partial behind
+    from ..utils import check_output
+
+    names = [*pipe_maps, *(["improved"] if args.save_particles else [])]
+    for name in names:
+        check_output(out / name, args.overwrite)
     attrs = {
         "particles": str(args.particles),
         "dm_params": args.dm_params,
@@ -390,7 +499,9 @@ def cmd_paint(args) -> int:
     for name, local in pipe_maps.items():
         full = wf.to_global(pm, local)
         if pm.comm is None or pm.comm.rank == 0:
-            write_mesh(out / name, full, pm.BoxSize, attrs | {"map": name})
+            write_mesh(
+                out / name, full, pm.BoxSize, attrs | {"map": name}, overwrite=args.overwrite
+            )
             print(f"[jerald] {name} map: {out / name}")
     if args.save_particles:
         import numpy as np
@@ -400,6 +511,7 @@ def cmd_paint(args) -> int:
             {"Position": np.asarray(x)},
             attrs | {"BoxSize": pm.BoxSize},
             comm=pm.comm,
+            overwrite=args.overwrite,
         )
         if pm.comm is None or pm.comm.rank == 0:
             print(f"[jerald] improved particles: {out / 'improved'}")

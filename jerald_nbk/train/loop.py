@@ -1,18 +1,31 @@
 """Training one stage: optax Adam with the eq-16 schedule, projection onto the bounds, metrics log,
 atomic checkpoints, exact resume, best-by-validation parameters, optional early stopping.
 
-Resume is exact: the checkpoint holds the raw parameters, Adam's state, the step and the best
-parameters so far, and every operation of a step is deterministic, so an interrupted run resumed
-from its checkpoint ends with the same parameters as an uninterrupted one (tested).
+Resume is exact: the checkpoint holds every piece of loop state (the raw parameters, Adam's state
+with the schedule position, the step, the best parameters so far, the early-stopping counter, the
+history; there is no random state), and every operation of a step is deterministic, so a run killed
+at any step and resumed from its last checkpoint ends bit-identical to an uninterrupted one
+(tested at several kill points, with and without early stopping).
+
+A run knows what it is: its checkpoint, written before the first step, records the fingerprint of
+its inputs, model, engine and configuration (:func:`run_fingerprint`), and resuming anything else
+is refused with what differs (:class:`RunMismatchError`). The work directory is locked while a run
+trains; SIGINT/SIGTERM save a checkpoint at the current step and raise
+:class:`TrainingInterrupted`; a finished run is not trained again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -21,8 +34,22 @@ import numpy as np
 import optax
 
 from ..model.pipeline import Stage
-from ..utils import atomic_write, is_root
-from .loss import masked_losses, smoothing_filter, split_masks
+from ..utils import (
+    ForeignOutputError,
+    atomic_write,
+    fingerprint_array,
+    is_root,
+    json_safe,
+    run_lock,
+)
+from .loss import (
+    SELECTION_RULES,
+    masked_losses,
+    selection_losses,
+    selection_score,
+    smoothing_filter,
+    split_masks,
+)
 from .schedule import paper_schedule
 from .validate import check_particles, check_target
 
@@ -46,7 +73,9 @@ class TrainConfig:
     checkpoint_every : int
         Steps between checkpoints (0: never).
     patience : int or None
-        Early stopping: stop after this many steps without a better validation loss.
+        Early stopping: stop after this many steps without a better selection score.
+    select : str
+        How the kept parameters are chosen among the steps (:data:`loss.SELECTION_RULES`).
     progress : bool
         Show a progress bar (rank 0 only).
     """
@@ -60,9 +89,12 @@ class TrainConfig:
     split: str = "paper"
     checkpoint_every: int = 25
     patience: int | None = None
+    select: str = "validation"
     progress: bool = True
 
     def p_for(self, target: str) -> int:
+        if self.select not in SELECTION_RULES:
+            raise ValueError(f"select must be one of {SELECTION_RULES}, got {self.select!r}")
         p = self.loss_p if self.loss_p is not None else (2 if target == "dm" else 1)
         if p not in (1, 2):
             raise ValueError(f"loss_p must be 1 or 2, got {p}")
@@ -107,6 +139,7 @@ class Objective:
         def losses(raw):
             F = stage.forward(self.pos, raw, star=self.star, density0=self.density0)
             out = masked_losses(pm, F, self.target, self.masks, self.p, self.filt)
+            out |= selection_losses(pm, F, self.target, self.masks, self.p)
             return out["train"], out
 
         self._value_and_grad = pm.jit(jax.value_and_grad(losses, has_aux=True))
@@ -132,6 +165,12 @@ class TrainResult:
     best_losses: dict
     history: list
     stopped_early: bool = False
+    #: losses of the final parameters (``raw``), evaluated after the last update
+    final_losses: dict | None = None
+    #: number of updates behind ``raw``
+    final_step: int = 0
+    #: True when the run in the work directory had already finished: nothing was trained
+    already_done: bool = False
     #: the optimiser's state after the last update (e.g. to write the JERALD reference's optstate)
     opt_state: object = None
 
@@ -140,33 +179,526 @@ def _opt(config: TrainConfig):
     return optax.adam(paper_schedule(config.eta0, config.eta_final, config.tau))
 
 
-def _save_checkpoint(path: Path, step, raw, opt_state, best, comm=None):
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped :func:`train` between two steps, after it saved a checkpoint.
+
+    Attributes
+    ----------
+    signum : int
+        The signal (``signal.SIGINT`` or ``signal.SIGTERM``).
+    step : int
+        Steps done (and saved, when there is a checkpoint).
+    checkpoint : Path or None
+        The checkpoint written at ``step``; None without a ``workdir``.
+    exit_status : int
+        ``128 + signum``: 130 for SIGINT, 143 for SIGTERM (the shell convention).
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None = None):
+        self.signum, self.step, self.checkpoint = int(signum), int(step), checkpoint
+        self.exit_status = 128 + self.signum
+        name = signal.Signals(self.signum).name
+        if checkpoint is None:
+            saved = "no workdir, nothing saved"
+        else:
+            saved = f"checkpoint {checkpoint} saved; run the same command again to resume"
+        super().__init__(f"{name}: training stopped after step {step} ({saved})")
+
+
+class RunMismatchError(ValueError):
+    """The checkpoint in the work directory belongs to another run (inputs, model or config)."""
+
+
+#: TrainConfig fields that do not change what a step computes: left out of the run fingerprint
+#: (``steps`` may be extended when resuming).
+RESUMABLE_FIELDS = ("steps", "progress", "checkpoint_every")
+CHECKPOINT_FORMAT = "jerald_nbk.checkpoint/2"
+_CKPT_KEYS = ("step", "raw", "opt_0")
+
+
+def run_fingerprint(objective: Objective, config: TrainConfig, inputs: dict | None = None) -> dict:
+    """What a training run is: its inputs, model, engine and training configuration.
+
+    Parameters
+    ----------
+    objective : Objective
+        Its input particles, target map and (HI) stellar map are fingerprinted by content
+        (:func:`jerald_nbk.utils.fingerprint_array`; under MPI one fingerprint per rank's share).
+    config : TrainConfig
+        Every field except :data:`RESUMABLE_FIELDS`.
+    inputs : dict, optional
+        What the caller knows of the inputs, e.g. ``{"particles": fingerprint_file(path), ...}``
+        (:func:`jerald_nbk.utils.fingerprint_file`) and settings such as a target scale. Entries
+        named ``path`` are recorded but not compared.
+
+    Returns
+    -------
+    dict
+        JSON-able ``{"inputs", "model", "engine", "training"}``.
+    """
+    stage, pm = objective.stage, objective.stage.pm
+    arrays = {"particles": objective.pos, "target": objective.target}
+    if objective.star is not None:
+        arrays["stellar map"] = objective.star
+    found = {name: fingerprint_array(a) for name, a in arrays.items()}
+    if pm.comm is not None and pm.comm.size > 1:
+        shares = pm.comm.allgather(found)
+        found = {name: [s[name] for s in shares] for name in found}
+    doc = {
+        "inputs": {**found, **(inputs or {})},
+        "model": {**dataclasses.asdict(stage.config), "parameters": list(stage.table.names)},
+        "engine": {k: v for k, v in pm.describe().items() if k != "threads"},
+        "training": {k: v for k, v in config.as_dict().items() if k not in RESUMABLE_FIELDS},
+    }
+    return json.loads(json.dumps(json_safe(doc)))
+
+
+def _without_paths(value):
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items() if k != "path"}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value]
+    return value
+
+
+def _short(value) -> str:
+    """A fingerprint or setting in a few words, for messages."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return f"{len(value)} rank shares"
+    if isinstance(value, dict) and "sha256" in value:
+        bits = [str(value["path"])] if "path" in value else []
+        if "shape" in value:
+            bits.append(f"shape {value['shape']} {value.get('dtype', '')}, sum {value.get('sum')}")
+        if "size" in value:
+            bits.append(f"{value['size']} bytes")
+        return ", ".join(bits + [f"content {value['sha256'][:8]}"])
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def fingerprint_differences(old: dict, new: dict) -> list[str]:
+    """What differs between two :func:`run_fingerprint` records, one line per item.
+
+    Parameters
+    ----------
+    old, new : dict
+        The checkpoint's record and the current run's.
+
+    Returns
+    -------
+    list of str
+        ``"<section> <item>: <old> in the checkpoint, <new> now"``; empty when they agree.
+    """
+    out = []
+    for section in ("inputs", "model", "engine", "training"):
+        a, b = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if key not in a:
+                out.append(f"{section} {key}: absent in the checkpoint, {_short(b[key])} now")
+            elif key not in b:
+                out.append(f"{section} {key}: {_short(a[key])} in the checkpoint, absent now")
+            elif _without_paths(a[key]) != _without_paths(b[key]):
+                out.append(
+                    f"{section} {key}: {_short(a[key])} in the checkpoint, {_short(b[key])} now"
+                )
+    return out
+
+
+def _json_bytes(obj) -> np.ndarray:
+    def scalar(o):
+        if hasattr(o, "item"):
+            return o.item()
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+    return np.frombuffer(json.dumps(obj, default=scalar).encode(), dtype=np.uint8)
+
+
+def _from_json_bytes(arr) -> object:
+    return json.loads(np.asarray(arr, dtype=np.uint8).tobytes().decode())
+
+
+def _is_array(value) -> bool:
+    return isinstance(value, np.ndarray | jax.Array)
+
+
+def _save_checkpoint(
+    path: Path,
+    step,
+    raw,
+    opt_state,
+    best,
+    comm=None,
+    *,
+    since_best: int = 0,
+    stopped: bool = False,
+    history=(),
+    fingerprint: dict | None = None,
+):
+    """Write every piece of loop state (``best`` is stored as it is, whatever its keys)."""
     if not is_root(comm):
         return
     leaves = jax.tree_util.tree_leaves(opt_state)
     arrays = {f"opt_{i}": np.asarray(x) for i, x in enumerate(leaves)}
+    arrays.update({f"best_{k}": np.asarray(v) for k, v in best.items() if _is_array(v)})
     arrays.update(
+        format=np.array(CHECKPOINT_FORMAT),
         step=np.int64(step),
         raw=np.asarray(raw),
-        best_raw=np.asarray(best["raw"]),
-        best_step=np.int64(best["step"]),
-        best_losses=np.array(json.dumps(best["losses"])),
+        best_json=_json_bytes({k: v for k, v in best.items() if not _is_array(v)}),
+        since_best=np.int64(since_best),
+        stopped=np.bool_(stopped),
+        history=_json_bytes(list(history)),
+        fingerprint=_json_bytes(fingerprint),
+        finished=np.bool_(False),
     )
     with atomic_write(path, "wb") as fh:
         np.savez(fh, **arrays)
 
 
-def _load_checkpoint(path: Path, opt_state_template):
-    with np.load(path) as z:
-        leaves, treedef = jax.tree_util.tree_flatten(opt_state_template)
+class _CheckpointUnreadable(ValueError):
+    pass
+
+
+def _read_npz(path: Path) -> dict:
+    """All arrays of a checkpoint, or :class:`_CheckpointUnreadable` naming the file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: np.array(z[k]) for k in z.files}
+    except Exception as err:  # noqa: BLE001 - zip, pickle, OS and format errors alike
+        raise _CheckpointUnreadable(
+            f"checkpoint {path} is unreadable ({type(err).__name__}: {err})"
+        ) from None
+    missing = [k for k in _CKPT_KEYS if k not in data]
+    if missing:
+        raise _CheckpointUnreadable(
+            f"checkpoint {path} is not a jerald-nbk checkpoint (no {missing})"
+        )
+    return data
+
+
+def _load_checkpoint(path: Path, opt_state_template) -> dict:
+    """The loop state of a checkpoint: step, raw, opt_state, best, since_best, stopped, history,
+    fingerprint (None for checkpoints of older versions), finished and the stored result."""
+    z = _read_npz(path)
+    leaves, treedef = jax.tree_util.tree_flatten(opt_state_template)
+    try:
         new = [jnp.asarray(z[f"opt_{i}"], dtype=np.asarray(x).dtype) for i, x in enumerate(leaves)]
-        opt_state = jax.tree_util.tree_unflatten(treedef, new)
-        best = {
-            "raw": np.array(z["best_raw"]),
-            "step": int(z["best_step"]),
-            "losses": json.loads(str(z["best_losses"])),
-        }
-        return int(z["step"]), np.array(z["raw"]), opt_state, best
+    except KeyError:
+        raise _CheckpointUnreadable(
+            f"checkpoint {path}: the optimiser state does not match this optimiser"
+        ) from None
+    state = {
+        "step": int(z["step"]),
+        "raw": np.array(z["raw"]),
+        "opt_state": jax.tree_util.tree_unflatten(treedef, new),
+        "fingerprint": None,
+        "finished": False,
+        "result": None,
+    }
+    if "format" not in z:  # written before runs knew what they were
+        return state
+    best = _from_json_bytes(z["best_json"])
+    best.update({k[5:]: z[k] for k in z if k.startswith("best_") and k != "best_json"})
+    state.update(
+        best=best,
+        since_best=int(z["since_best"]),
+        stopped=bool(z["stopped"]),
+        history=_from_json_bytes(z["history"]),
+        fingerprint=_from_json_bytes(z["fingerprint"]),
+        finished=bool(z["finished"]),
+    )
+    if state["finished"]:
+        plain = _from_json_bytes(z["result_json"])
+        arrays = {k[7:]: z[k] for k in z if k.startswith("result_") and k != "result_json"}
+        state["result"] = {**plain, **arrays}
+    return state
+
+
+#: TrainResult fields a finished checkpoint does not store: they are its loop state
+_RESULT_FROM_STATE = ("history", "already_done", "opt_state")
+
+
+def _mark_finished(path: Path, result: TrainResult, comm=None) -> None:
+    """Add the run's result to its final checkpoint: a re-run then has nothing to do."""
+    if not is_root(comm):
+        return
+    data = _read_npz(path)
+    plain = {}
+    for f in dataclasses.fields(TrainResult):
+        if f.name in _RESULT_FROM_STATE:
+            continue
+        value = getattr(result, f.name)
+        if _is_array(value):
+            data[f"result_{f.name}"] = np.asarray(value)
+        else:
+            try:
+                _json_bytes(value)
+            except (TypeError, ValueError):
+                continue  # not storable: a re-run recomputes the end instead of reusing it
+            plain[f.name] = value
+    data["result_json"] = _json_bytes(plain)
+    data["finished"] = np.bool_(True)
+    with atomic_write(path, "wb") as fh:
+        np.savez(fh, **data)
+
+
+def _say(comm, text: str) -> None:
+    if is_root(comm):
+        print(text, file=sys.stderr, flush=True)
+
+
+def _open_run(
+    ckpt: Path, metrics: Path, opt_state, fingerprint, config, resume, force, overwrite, comm=None
+):
+    """Decide how a run in ``ckpt.parent`` starts: the checkpoint's state, None (afresh), or a
+    finished run's :class:`TrainResult`. Refuses what it must not resume or replace."""
+    workdir = ckpt.parent
+    state = None
+    if ckpt.exists():
+        try:
+            state = _load_checkpoint(ckpt, opt_state)
+        except _CheckpointUnreadable as err:
+            if not overwrite:
+                raise ForeignOutputError(
+                    f"{err}: delete it to start afresh, or pass overwrite=True (jerald train "
+                    "--overwrite) to replace it"
+                ) from None
+    elif metrics.exists() and not overwrite:
+        raise ForeignOutputError(
+            f"{metrics} exists but {workdir} holds no checkpoint: it is not a jerald-nbk training "
+            "directory (or one of an older version). Choose another output directory, delete it, "
+            "or pass overwrite=True (jerald train --overwrite)"
+        )
+    if state is None or not resume:
+        return None
+    afresh = "start afresh with resume=False (jerald train --no-resume), which discards its state"
+    if state["fingerprint"] is None:
+        raise RunMismatchError(
+            f"checkpoint {ckpt} does not record which run it belongs to (an older version wrote "
+            f"it): {afresh}, or use another output directory"
+        )
+    diffs = fingerprint_differences(state["fingerprint"], fingerprint)
+    if diffs:
+        same_params = (
+            state["fingerprint"]["model"].get("parameters") == fingerprint["model"]["parameters"]
+        )
+        head = f"the run in {workdir} is not the one asked for:\n  " + "\n  ".join(diffs) + "\n"
+        if not force or not same_params:
+            anyway = (
+                ", or continue anyway with force_resume=True (jerald train --force-resume)"
+                if same_params
+                else " (its parameters differ: it cannot be continued)"
+            )
+            raise RunMismatchError(f"{head}{afresh}, use another output directory{anyway}")
+        warnings.warn(f"{head}continuing anyway (force_resume)", RuntimeWarning, stacklevel=4)
+    step = state["step"]
+    if step > config.steps and not state["stopped"]:
+        raise RunMismatchError(
+            f"checkpoint {ckpt} is at step {step}, beyond steps={config.steps}: ask for at least "
+            f"{step} steps to continue it, or {afresh}"
+        )
+    if state["finished"] and (state["stopped"] or step >= config.steps):
+        names = {f.name for f in dataclasses.fields(TrainResult)}
+        loop_state = {"history": state["history"], "opt_state": state["opt_state"]}
+        try:
+            result = TrainResult(
+                **state["result"],
+                **{k: v for k, v in loop_state.items() if k in names},
+                already_done=True,
+            )
+        except TypeError:  # stored by a version with other result fields: recompute the end
+            return state
+        how = "stopped early" if state["stopped"] else "finished"
+        _say(
+            comm,
+            f"[jerald] the run in {workdir} already {how} at step {step}: nothing to do "
+            "(resume=False / --no-resume trains it again)",
+        )
+        return result
+    return state
+
+
+def is_checkpoint(path) -> bool:
+    """True when ``path`` is a readable jerald-nbk training checkpoint (of any version).
+
+    Parameters
+    ----------
+    path : str or Path
+    """
+    try:
+        _read_npz(Path(path))
+    except _CheckpointUnreadable:
+        return False
+    return True
+
+
+_RUN_OPTIONS: contextvars.ContextVar[dict] = contextvars.ContextVar("jerald_run_options")
+
+
+@contextlib.contextmanager
+def run_options(
+    *, inputs: dict | None = None, force_resume: bool | None = None, overwrite: bool | None = None
+):
+    """Defaults of :func:`train`'s ``inputs``, ``force_resume`` and ``overwrite`` in a block.
+
+    For callers that reach :func:`train` through helpers that do not pass these keywords on
+    (``jerald train`` goes through :func:`jerald_nbk.workflow.train_stage`); keywords given to
+    :func:`train` itself win.
+
+    Parameters
+    ----------
+    inputs, force_resume, overwrite
+        As for :func:`train`; None leaves the enclosing default.
+    """
+    given = {"inputs": inputs, "force_resume": force_resume, "overwrite": overwrite}
+    outer = _RUN_OPTIONS.get({})
+    token = _RUN_OPTIONS.set(outer | {k: v for k, v in given.items() if v is not None})
+    try:
+        yield
+    finally:
+        _RUN_OPTIONS.reset(token)
+
+
+class _InterruptGuard:
+    """SIGINT/SIGTERM handlers that only raise a flag; the loop acts on it between steps.
+
+    Installed only in the main thread. A second signal while the flag is up acts at once
+    (KeyboardInterrupt for SIGINT, the previous handler for SIGTERM).
+    """
+
+    def __init__(self, comm=None):
+        self.comm = comm
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> _InterruptGuard:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(ValueError, OSError):
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            return
+        self.restore()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)
+
+    def pending(self) -> int | None:
+        """The signal received (on any rank: collective under MPI), or None."""
+        sig = self.signum
+        if self.comm is not None and self.comm.size > 1:
+            sig = max(s or 0 for s in self.comm.allgather(sig)) or None
+        return sig
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old.clear()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def train(
+    objective: Objective,
+    config: TrainConfig,
+    raw0=None,
+    workdir: str | os.PathLike | None = None,
+    resume: bool = True,
+    log=None,
+    *,
+    inputs: dict | None = None,
+    force_resume: bool | None = None,
+    overwrite: bool | None = None,
+    opt_state0=None,
+    start_step: int = 0,
+) -> TrainResult:
+    """Fit one stage with Adam (eq 16), projecting onto the bounds after every step.
+
+    Parameters
+    ----------
+    objective : Objective
+    config : TrainConfig
+    raw0 : array, optional
+        Starting raw parameters (default: the table's initial values).
+    workdir : path, optional
+        Where ``checkpoint.npz`` and ``metrics.jsonl`` go. The directory is locked for the run
+        (:func:`jerald_nbk.utils.run_lock`: a second run into it fails naming the first's host and
+        pid). The checkpoint records the run's fingerprint (:func:`run_fingerprint`) from the
+        start, every loop state, and at the end the result.
+    resume : bool
+        Continue from the checkpoint in ``workdir``: it must belong to the same run (else
+        :class:`RunMismatchError` says what differs); ``config.steps`` may be larger than before.
+        A run that had finished (all steps, or stopped early) is not trained again: its stored
+        result is returned with ``already_done`` set. False starts afresh.
+    log : callable, optional
+        Called with each step's record (dict), e.g. for a custom display.
+    inputs : dict, optional
+        The caller's description of the inputs (paths, file fingerprints, settings), recorded in
+        the fingerprint and compared on resume; see :func:`run_fingerprint`.
+    force_resume : bool, optional
+        Resume even if the inputs, engine or training configuration differ (with a warning).
+    overwrite : bool, optional
+        Replace a ``checkpoint.npz`` that is unreadable or not ours, or a ``metrics.jsonl``
+        without a checkpoint (by default they are an error and left untouched).
+
+        These three default to False/None, or to the values of an enclosing
+        :func:`run_options` block.
+    opt_state0 : optax state, optional
+        Adam state to continue from instead of a fresh one (the structure of ``opt.init``; e.g.
+        the JERALD reference's optstate via :func:`jerald_nbk.io.paramfiles.optax_adam_state`).
+        A checkpoint resumed from ``workdir`` takes precedence.
+    start_step : int
+        Steps already taken before ``raw0`` / ``opt_state0`` (the run ends at ``config.steps``).
+
+    Returns
+    -------
+    TrainResult
+        ``best_raw`` are the parameters with the lowest validation loss seen (evaluated before
+        each update and once after the last).
+
+    Raises
+    ------
+    TrainingInterrupted
+        SIGINT or SIGTERM arrived: the checkpoint is written at the current step first.
+    RunMismatchError
+        The checkpoint belongs to another run.
+    jerald_nbk.utils.RunLockedError
+        Another live process trains into ``workdir``.
+    jerald_nbk.utils.ForeignOutputError
+        ``workdir`` holds files that are not a training run of ours.
+    """
+    comm = objective.stage.pm.comm
+    defaults = _RUN_OPTIONS.get({})
+    inputs = defaults.get("inputs") if inputs is None else inputs
+    force_resume = bool(defaults.get("force_resume") if force_resume is None else force_resume)
+    overwrite = bool(defaults.get("overwrite") if overwrite is None else overwrite)
+    with contextlib.ExitStack() as stack:
+        if workdir is not None:
+            stack.enter_context(run_lock(workdir, comm, "training directory"))
+        guard = stack.enter_context(_InterruptGuard(comm))
+        res = _train(
+            objective,
+            config,
+            raw0,
+            workdir,
+            resume,
+            log,
+            guard=guard,
+            inputs=inputs,
+            force_resume=force_resume,
+            overwrite=overwrite,
+            opt_state0=opt_state0,
+            start_step=start_step,
+        )
+        if workdir is not None and not res.already_done:
+            _mark_finished(Path(workdir) / "checkpoint.npz", res, comm)
+        return res
 
 
 def _given_opt_state(template, given):
@@ -182,42 +714,22 @@ def _given_opt_state(template, given):
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
-def train(
+def _train(
     objective: Objective,
     config: TrainConfig,
     raw0=None,
     workdir: str | os.PathLike | None = None,
     resume: bool = True,
     log=None,
+    *,
+    guard: _InterruptGuard | None = None,
+    inputs: dict | None = None,
+    force_resume: bool = False,
+    overwrite: bool = False,
     opt_state0=None,
     start_step: int = 0,
 ) -> TrainResult:
-    """Fit one stage with Adam (eq 16), projecting onto the bounds after every step.
-
-    Parameters
-    ----------
-    objective : Objective
-    config : TrainConfig
-    raw0 : array, optional
-        Starting raw parameters (default: the table's initial values).
-    workdir : path, optional
-        Where ``checkpoint.npz`` and ``metrics.jsonl`` go; with ``resume`` an existing checkpoint
-        there is continued from.
-    log : callable, optional
-        Called with each step's record (dict), e.g. for a custom display.
-    opt_state0 : optax state, optional
-        Adam state to continue from instead of a fresh one (the structure of ``opt.init``; e.g.
-        the JERALD reference's optstate via :func:`jerald_nbk.io.paramfiles.optax_adam_state`).
-        A checkpoint resumed from ``workdir`` takes precedence.
-    start_step : int
-        Steps already taken before ``raw0`` / ``opt_state0`` (the run ends at ``config.steps``).
-
-    Returns
-    -------
-    TrainResult
-        ``best_raw`` are the parameters with the lowest validation loss seen (evaluated before
-        each update and once after the last).
-    """
+    """The loop of :func:`train` (which holds the lock and the signal handlers around it)."""
     stage = objective.stage
     comm = stage.pm.comm
     dtype = stage.pm.dtype
@@ -230,33 +742,38 @@ def train(
         opt_state, start = _given_opt_state(opt_state, opt_state0), int(start_step)
     best = {"raw": np.asarray(raw), "step": -1, "losses": {"validation": float("inf")}}
     history: list[dict] = []
-    ckpt = metrics = None
-    if workdir is not None:
-        workdir = Path(workdir)
-        if is_root(comm):
-            workdir.mkdir(parents=True, exist_ok=True)
-        ckpt, metrics = workdir / "checkpoint.npz", workdir / "metrics.jsonl"
-        if resume and ckpt.exists():
-            start, raw_np, opt_state, best = _load_checkpoint(ckpt, opt_state)
-            raw = jnp.asarray(raw_np, dtype=dtype)
-            if metrics.exists():  # drop records past the checkpoint: they will be recomputed
-                kept = [
-                    ln
-                    for ln in metrics.read_text().splitlines()
-                    if ln and json.loads(ln)["step"] < start
-                ]
-                history = [json.loads(ln) for ln in kept]
-                if is_root(comm):
-                    with atomic_write(metrics, "w") as fh:
-                        fh.write("".join(ln + "\n" for ln in kept))
-        elif is_root(comm) and metrics.exists():
-            metrics.unlink()
-
-    bar = _progress(config, start, comm)
     since_best = 0
     stopped = False
+    ckpt = metrics = None
+    fingerprint = run_fingerprint(objective, config, inputs)
+    if workdir is not None:
+        workdir = Path(workdir)
+        ckpt, metrics = workdir / "checkpoint.npz", workdir / "metrics.jsonl"
+        state = _open_run(
+            ckpt, metrics, opt_state, fingerprint, config, resume, force_resume, overwrite, comm
+        )
+        if isinstance(state, TrainResult):
+            return state
+        if state is not None:
+            start, opt_state, best = state["step"], state["opt_state"], state["best"]
+            since_best, stopped, history = state["since_best"], state["stopped"], state["history"]
+            raw = jnp.asarray(state["raw"], dtype=dtype)
+        else:  # the run's identity goes on disk before its first step
+            _save_checkpoint(ckpt, start, raw, opt_state, best, comm, fingerprint=fingerprint)
+        if is_root(comm):  # records past the checkpoint are dropped: they will be recomputed
+            with atomic_write(metrics, "w") as fh:
+                fh.write("".join(json.dumps(rec) + "\n" for rec in history))
+
+    fractions = {k: float(stage.pm.sum(m.astype(dtype))) for k, m in objective.masks.items()}
+
+    def score(losses: dict) -> float:
+        if not all(np.isfinite(losses.get(k, np.inf)) for k in ("validation",)):
+            return np.inf
+        return selection_score(losses, config.select, fractions)
+
+    bar = _progress(config, start, comm)
     schedule = paper_schedule(config.eta0, config.eta_final, config.tau)
-    for step in range(start, config.steps):
+    for step in range(start, start if stopped else config.steps):
         t0 = time.perf_counter()
         losses, g = objective.value_and_grad(raw)
         losses = {k: float(v) for k, v in losses.items()}
@@ -265,11 +782,12 @@ def train(
                 f"non-finite loss or gradient at step {step} (losses {losses}); "
                 f"parameters {stage.table.as_dict(raw)}"
             )
-        if losses["validation"] < best["losses"]["validation"]:
+        if score(losses) < score(best["losses"]):
             best = {"raw": np.asarray(raw), "step": step, "losses": losses}
             since_best = 0
         else:
             since_best += 1
+        params = stage.table.as_dict(raw)  # the values these losses belong to
         updates, opt_state = opt.update(g, opt_state, raw)
         raw = stage.table.project(optax.apply_updates(raw, updates))
         rec = {
@@ -277,6 +795,7 @@ def train(
             "lr": float(schedule(step)),
             **losses,
             "seconds": time.perf_counter() - t0,
+            "params": params,
         }
         history.append(rec)
         if metrics is not None and is_root(comm):
@@ -292,20 +811,43 @@ def train(
             )
             bar.update(1)
         done = step + 1
-        if (
-            ckpt is not None
-            and config.checkpoint_every
-            and (done % config.checkpoint_every == 0 or done == config.steps)
+        stopped = config.patience is not None and since_best >= config.patience
+        signum = guard.pending() if guard is not None else None
+        if ckpt is not None and (
+            stopped
+            or signum
+            or done == config.steps
+            or (config.checkpoint_every and done % config.checkpoint_every == 0)
         ):
-            _save_checkpoint(ckpt, done, raw, opt_state, best, comm)
-        if config.patience is not None and since_best >= config.patience:
-            stopped = True
+            _save_checkpoint(
+                ckpt,
+                done,
+                raw,
+                opt_state,
+                best,
+                comm,
+                since_best=since_best,
+                stopped=stopped,
+                history=history,
+                fingerprint=fingerprint,
+            )
+        if stopped:
             break
+        if signum:
+            raise TrainingInterrupted(signum, done, ckpt)
     if bar is not None:
         bar.close()
     final = objective.losses(raw)
-    if final["validation"] < best["losses"]["validation"]:
-        best = {"raw": np.asarray(raw), "step": start + len(history), "losses": final}
+    last = history[-1]["step"] + 1 if history else start  # history holds resumed steps too
+    if score(final) < score(best["losses"]):
+        best = {"raw": np.asarray(raw), "step": last, "losses": final}
+    if last >= 20 and best["step"] < 0.5 * last and is_root(comm):
+        warnings.warn(
+            f"the kept parameters are those of step {best['step']} of {last} (selection rule "
+            f"{config.select!r}): check the training curves; a few cells of the validation region "
+            f"can dominate its loss (try select='smoothed-validation'), or training diverged",
+            stacklevel=2,
+        )
     return TrainResult(
         np.asarray(raw),
         np.asarray(best["raw"]),
@@ -313,6 +855,8 @@ def train(
         best["losses"],
         history,
         stopped,
+        final_losses=final,
+        final_step=last,
         opt_state=opt_state,
     )
 
