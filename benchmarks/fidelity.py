@@ -22,6 +22,15 @@ import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
 FOMS = ("k_10pct", "k_30pct", "k_r09", "k_r07")
+#: what :func:`diagnostics` measures, in the report's order
+DIAG_COLUMNS = (
+    "mean_ratio",
+    "empty_pred",
+    "empty_ref",
+    "first_bin_k",
+    "first_bin_ratio",
+    "first_bin_r",
+)
 
 
 def _scalars(fom: dict, extra_tols=(0.2,)) -> dict:
@@ -39,44 +48,37 @@ def _bin_value(fom: dict, key: str, k0: float) -> float:
     return float(np.asarray(fom[key])[np.nanargmin(np.abs(k - k0))])
 
 
-def goals_z2(train: dict, unseen: dict, k_max: float) -> list[dict]:
-    """The issue's goals at z = 2, each with what was reached, and a note where a goal cannot be
-    reached on this mesh (no figure of merit exceeds ``k_max``, the centre of the largest k bin)."""
+def goals(z: float, train: dict, unseen: dict, k_max: float) -> list[dict]:
+    """Issue 10's fidelity goals at one redshift, each with what was reached.
+
+    At bench size: HI within 10% to k = 1 h/Mpc at z = 2 and within 30% to k = 1 at z = 0;
+    stellar within 20% to k = 2 at z = 2; r >= 0.9 to k = 1 for every target and redshift; on the
+    unseen seed every figure of merit within 15% of the training seed's.
+    """
     g = []
-    dm, fp = train["dm"]["JERALD"], train["dm"]["FastPM"]
-    reachable = k_max / max(fp["k_10pct"], 1e-9)
-    note = ""
-    if reachable < 3.0:
-        note = f"unreachable on this mesh: the largest k bin ({k_max:.2f} h/Mpc) allows {reachable:.2f}x"
-    g.append(
-        {
-            "goal": "DM: k(|P/Pref-1|>0.1) >= 3x FastPM's",
-            "reached": dm["k_10pct"] / max(fp["k_10pct"], 1e-9),
-            "target": 3.0,
-            "note": note,
-        }
-    )
-    g.append(
-        {
-            "goal": "stellar: within 20% to k = 3 h/Mpc",
-            "reached": train["stellar"]["JERALD"]["k_20pct"],
-            "target": 3.0,
-        }
-    )
-    g.append(
-        {
-            "goal": "HI: within 10% to k = 1 h/Mpc",
-            "reached": train["hi"]["JERALD"]["k_10pct"],
-            "target": 1.0,
-        }
-    )
-    g.append(
-        {
-            "goal": "HI: within 30% to k = 5 h/Mpc",
-            "reached": train["hi"]["JERALD"]["k_30pct"],
-            "target": 5.0,
-        }
-    )
+    if abs(z - 2) < 1e-9:
+        g.append(
+            {
+                "goal": "HI: within 10% to k = 1 h/Mpc",
+                "reached": train["hi"]["JERALD"]["k_10pct"],
+                "target": 1.0,
+            }
+        )
+        g.append(
+            {
+                "goal": "stellar: within 20% to k = 2 h/Mpc",
+                "reached": train["stellar"]["JERALD"]["k_20pct"],
+                "target": 2.0,
+            }
+        )
+    if abs(z) < 1e-9:
+        g.append(
+            {
+                "goal": "HI: within 30% to k = 1 h/Mpc",
+                "reached": train["hi"]["JERALD"]["k_30pct"],
+                "target": 1.0,
+            }
+        )
     for t in ("dm", "stellar", "hi"):
         g.append(
             {
@@ -85,18 +87,19 @@ def goals_z2(train: dict, unseen: dict, k_max: float) -> list[dict]:
                 "target": 1.0,
             }
         )
-    worst = 0.0
+    worst, where = 0.0, ""
     for t in ("dm", "stellar", "hi"):
         for k in FOMS:
             a, b = train[t]["JERALD"][k], unseen[t]["JERALD"][k]
-            if a > 0:
-                worst = max(worst, abs(b - a) / a)
+            if a > 0 and abs(b - a) / a > worst:
+                worst, where = abs(b - a) / a, f"{t} {k}: {a:.2f} -> {b:.2f}"
     g.append(
         {
-            "goal": "unseen seed: every figure within 10% of the training seed's",
+            "goal": "unseen seed: every figure within 15% of the training seed's",
             "reached": worst,
-            "target": 0.1,
+            "target": 0.15,
             "lower_is_better": True,
+            "note": f"worst: {where}" if where else "",
         }
     )
     for x in g:
@@ -110,6 +113,21 @@ def goals_z2(train: dict, unseen: dict, k_max: float) -> list[dict]:
     return g
 
 
+def diagnostics(pred, ref, fom: dict) -> dict:
+    """Measurements that explain a missed goal: map means, empty cells, the first k bin."""
+    pred, ref = np.asarray(pred, dtype=float), np.asarray(ref, dtype=float)
+    k = np.asarray(fom["k"])
+    first = int(np.flatnonzero(np.isfinite(k) & (k > 0))[0])
+    return {
+        "mean_ratio": float(pred.mean() / ref.mean()) if ref.mean() else float("nan"),
+        "empty_pred": float(np.mean(pred <= 0)),
+        "empty_ref": float(np.mean(ref <= 0)),
+        "first_bin_k": float(k[first]),
+        "first_bin_ratio": float(np.asarray(fom["ratio"])[first]),
+        "first_bin_r": float(np.asarray(fom["r"])[first]),
+    }
+
+
 def _section(z: float, res: dict) -> dict:
     """The report section of one redshift, from its JSON record."""
     from jerald_nbk.analysis.report import fom_table
@@ -119,7 +137,7 @@ def _section(z: float, res: dict) -> dict:
             f"{t} {lab}{suffix}": v
             for t, d in res[which].items()
             for lab, v in d.items()
-            if lab != "losses"
+            if lab not in ("losses", "diagnostics", "params", "best_step")
         }
 
     tables = [fom_table(rows("train_seed")), fom_table(rows("unseen_seed", " (unseen)"))]
@@ -139,6 +157,14 @@ def _section(z: float, res: dict) -> dict:
                 ],
             }
         )
+    diag_rows = [
+        [f"{t} ({which.split('_')[0]})", *(d["diagnostics"][c] for c in DIAG_COLUMNS)]
+        for which in ("train_seed", "unseen_seed")
+        for t, d in res[which].items()
+        if "diagnostics" in d
+    ]
+    if diag_rows:
+        tables.append({"columns": ["map", *DIAG_COLUMNS], "rows": diag_rows})
     figs = [(cap, Path(p)) for cap, p in res.get("figures", [])]
     notes = [
         f"**{t}**: every figure of merit is 0, the trained map does not follow the reference even "
@@ -180,8 +206,7 @@ def rewrite_report(json_path, out) -> Path:
         z = float(tag)
         if "k_max" not in res:  # records from before k_max was stored: the mesh's largest bin
             res["k_max"] = _largest_k(Path(out) / f"suite_seed{doc['seed']}" / "suite.json")
-        if abs(z - 2.0) < 1e-9:
-            res["goals"] = goals_z2(res["train_seed"], res["unseen_seed"], res["k_max"])
+        res["goals"] = goals(z, res["train_seed"], res["unseen_seed"], res["k_max"])
         if "figures" not in res:
             res["figures"] = [
                 [f"{t}, {w} seed", str(Path(out) / f"z{tag}" / f"power_{t}{s}.png")]
@@ -314,9 +339,15 @@ def main(argv=None) -> int:
             res["train_seed"][t] = {lab: _scalars(v) for lab, v in fa.items()}
             res["unseen_seed"][t] = {lab: _scalars(v) for lab, v in fb.items()}
             res["train_seed"][t]["losses"] = trained.runs[t].result.best_losses
+            res["train_seed"][t]["diagnostics"] = diagnostics(
+                trained.maps[t], truth_a[t], fa["JERALD"]
+            )
+            res["unseen_seed"][t]["diagnostics"] = diagnostics(maps_b[t], truth_b[t], fb["JERALD"])
+            run = trained.runs[t]
+            res["train_seed"][t]["params"] = run.stage.table.as_dict(run.result.best_raw)
+            res["train_seed"][t]["best_step"] = run.result.best_step
         res["seconds_training"] = t_train
-        if abs(z - 2.0) < 1e-9:
-            res["goals"] = goals_z2(res["train_seed"], res["unseen_seed"], res["k_max"])
+        res["goals"] = goals(z, res["train_seed"], res["unseen_seed"], res["k_max"])
         res["figures"] = [[cap, str(p)] for cap, p in figs]
         doc["redshifts"][tag] = res
         doc["seconds_total"] = time.perf_counter() - t0

@@ -123,12 +123,15 @@ def train_stage(
     star=None,
     provenance: dict | None = None,
     resume: bool = True,
+    **run,
 ) -> StageRun:
     """Train one stage on in-memory inputs, writing params, metrics and checkpoints to ``outdir``.
 
     ``pos`` are the stage's input particles (for stellar and HI: the DM-improved ones), ``star``
     the frozen stellar map for HI. Writes ``params.json`` (best by validation),
-    ``params_final.json``, ``metrics.jsonl``, ``checkpoint.npz`` and ``training.png``.
+    ``params_final.json``, ``metrics.jsonl``, ``checkpoint.npz``, ``training.png`` and
+    ``parameters.png``. ``run``: keywords of :func:`fit_stage` (``inputs``, ``force_resume``,
+    ``overwrite``, ``opt_state0``, ``start_step``).
     """
     cfg = train_config or TrainConfig()
     w_init = 1.0
@@ -139,7 +142,7 @@ def train_stage(
         w_init = max(float(pm.sum(target_map)) / pm.ncells, 1e-5)
     stage = Stage(pm, StageConfig(target, n_layers, gradient_order, hi_shift, green), w_init=w_init)
     return fit_stage(
-        stage, pos, target_map, outdir, cfg, star=star, provenance=provenance, resume=resume
+        stage, pos, target_map, outdir, cfg, star=star, provenance=provenance, resume=resume, **run
     )
 
 
@@ -153,16 +156,35 @@ def fit_stage(
     star=None,
     provenance: dict | None = None,
     resume: bool = True,
+    *,
+    inputs: dict | None = None,
+    force_resume: bool = False,
+    overwrite: bool = False,
+    opt_state0=None,
+    start_step: int = 0,
 ) -> StageRun:
     """Train a given stage from ``raw0`` (default: its table's initial values) and write the run.
 
-    Writes ``params.json`` (best by validation), ``params_final.json``, ``metrics.jsonl``,
-    ``checkpoint.npz`` and ``training.png`` to ``outdir``. The inputs are checked before anything
-    is written.
+    Writes ``params.json`` (best by validation), ``params_final.json`` (the last step's parameters
+    with their own losses), ``metrics.jsonl``, ``checkpoint.npz``, ``training.png`` and
+    ``parameters.png`` (every parameter against step) to ``outdir``. The inputs are checked before
+    anything is written. ``inputs``, ``force_resume``, ``overwrite``, ``opt_state0`` and
+    ``start_step`` are passed to :func:`jerald_nbk.train.train`.
     """
     pm, cfg, outdir = stage.pm, train_config, Path(outdir)
     obj = Objective(stage, pos, target_map, cfg, star=star)
-    res = train(obj, cfg, raw0=raw0, workdir=outdir, resume=resume)
+    res = train(
+        obj,
+        cfg,
+        raw0=raw0,
+        workdir=outdir,
+        resume=resume,
+        inputs=inputs,
+        force_resume=force_resume,
+        overwrite=overwrite,
+        opt_state0=opt_state0,
+        start_step=start_step,
+    )
     prov = {
         "BoxSize": pm.BoxSize.tolist(),
         "Nmesh": list(pm.Nmesh),
@@ -177,14 +199,22 @@ def fit_stage(
         **(provenance or {}),
     }
     path = save_params(outdir / "params.json", stage.config, res.best_raw, prov, comm=pm.comm)
-    save_params(
-        outdir / "params_final.json", stage.config, res.raw, prov | {"final": True}, comm=pm.comm
-    )
+    # the final parameters carry their own losses (evaluated after the last update), not the kept
+    # step's
+    final = {"final": True, "final_step": res.final_step, "losses": res.final_losses}
+    save_params(outdir / "params_final.json", stage.config, res.raw, prov | final, comm=pm.comm)
     if is_root(pm.comm) and res.history:
-        from .analysis.plots import plot_training_curves
+        from .analysis.plots import plot_parameter_trajectories, plot_training_curves
 
         plot_training_curves(
             outdir / "training.png", res.history, title=f"{stage.config.target} stage"
+        )
+        tab = stage.table
+        plot_parameter_trajectories(
+            outdir / "parameters.png",
+            res.history,
+            {n: (lo, hi) for n, lo, hi in zip(tab.names, tab.lower, tab.upper, strict=True)},
+            title=f"{stage.config.target} stage: parameters (physical values) against step",
         )
     return StageRun(res, path, outdir, stage)
 

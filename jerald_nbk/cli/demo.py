@@ -112,6 +112,7 @@ def run_demo(
                     ("P(k), ratio and r(k)", fig_p),
                     ("slices", fig_s),
                     ("training", runs[t].outdir / "training.png"),
+                    ("parameters against step", runs[t].outdir / "parameters.png"),
                 ],
             }
         )
@@ -120,6 +121,7 @@ def run_demo(
             for lab, v in res.items()
         }
         summary[t]["losses"] = losses
+        summary[t]["best_step"] = r.best_step
     times["total"] = time.perf_counter() - t0
     intro = (
         "JERALD trained on the stand-in reference suite (docs/reference-suite.md): FastPM particles "
