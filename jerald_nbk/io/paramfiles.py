@@ -202,13 +202,33 @@ def save_plaintext(path, config, raw, flavour: str = "jerald") -> Path:
     return Path(path)
 
 
-def load_plaintext(path, config, flavour: str = "jerald") -> np.ndarray:
+def load_plaintext(
+    path, config, flavour: str = "jerald", *, Nmesh=None, BoxSize=None
+) -> np.ndarray:
     """Read an LDL or JERALD reference plain-text file into a raw vector for ``config``.
 
-    Raises a ValueError naming the file, the expected and found lengths and names when the file does
-    not fit the model (the reference code's evaluate-only mode rejected valid files; this checks the
-    length against the model actually configured), or naming the parameter and its bound when a
-    value is out of bounds.
+    Parameters
+    ----------
+    path : path-like
+    config : StageConfig
+        The model the file is loaded into (its layers fix the expected length).
+    flavour : {"jerald", "ldl"}
+        Whose layout, and whose bounds: a file is checked against the bounds of the code that
+        wrote it. ``"jerald"``: our bounds (the JERALD reference clips onto the same ones).
+        ``"ldl"``: LDL's L-BFGS-B bounds (:data:`jerald_nbk.model.params.LDL_BOUNDS`), which
+        allow values outside ours (``b1 = 0``, ``kl = 0.05``, ...): any vector LDL's optimiser
+        can produce loads.
+    Nmesh, BoxSize : optional
+        ``"ldl"``: the mesh the file is used on, for LDL's upper bound of ``kh`` and ``kl``
+        (``2 pi Nmesh / BoxSize``); without them that bound is not checked.
+
+    Raises
+    ------
+    ValueError
+        Naming the file, the expected and found lengths and names when the file does not fit the
+        model (the reference code's evaluate-only mode rejected valid files; this checks the
+        length against the model actually configured), or naming the parameter (in the file's
+        own names) and its bound when a value is out of bounds.
     """
     path = Path(path)
     vec = _read_numbers(path)
@@ -223,8 +243,44 @@ def load_plaintext(path, config, flavour: str = "jerald") -> np.ndarray:
                 f"with {config.n_layers} layers has {len(names)} ({', '.join(names)})"
             )
         raw = _from_plain(tab, config, vec, flavour)
+        _check_ldl_bounds(path, tab, config, raw, Nmesh, BoxSize)
+        return raw
     tab.check_bounds(tab.to_physical(raw), where=str(path))
     return raw
+
+
+#: LDL's file names of our parameters (without the layer index)
+_LDL_NAMES = {"alpha": "alpha", "gamma": "gamma", "kh": "kh", "kl": "kl", "nu": "n", "mu": "mu"}
+
+
+def _check_ldl_bounds(path, tab: ParamTable, config, raw, Nmesh, BoxSize) -> None:
+    """Every value of an LDL file inside LDL's bounds, else a ValueError naming file and bound."""
+    from ..model.params import LDL_BOUNDS, ldl_bounds
+
+    if Nmesh is not None and BoxSize is not None:
+        lower, upper = ldl_bounds(config.target, config.n_layers, Nmesh, BoxSize)
+    else:  # no mesh: LDL's kh, kl upper bound (2 pi Nmesh / BoxSize) is left out
+        lower, upper = ldl_bounds(config.target, config.n_layers, 1, 1.0)
+        for i, name in enumerate(tab.names):
+            if name.split("_")[0] in ("kh", "kl"):
+                upper[i] = np.inf
+    phys = tab.to_physical(np.asarray(raw, dtype=float))
+    tol = 1e-6
+    bad = []
+    for name, v, lo, hi in zip(tab.names, phys, lower, upper, strict=True):
+        if np.isfinite(v) and lo - tol * abs(lo) <= v <= hi + tol * abs(hi):
+            continue
+        base, _, layer = name.partition("_")
+        if base == "w":
+            shown = f"b1 = {v:g}"
+        elif base == "b":
+            shown = f"b0 = {-v:g}"
+        else:
+            shown = f"{_LDL_NAMES.get(base, base)}{'_' + layer if layer else ''} = {v:g}"
+        src = LDL_BOUNDS[base][2]
+        bad.append(f"{shown} not in [{lo:g}, {hi:g}] ({src})")
+    if bad:
+        raise ValueError(f"parameter file {path}: values outside LDL's bounds: {'; '.join(bad)}")
 
 
 def infer_ref_layers(n_values: int, target: str, path) -> tuple[int, bool]:

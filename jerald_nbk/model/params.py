@@ -210,3 +210,102 @@ class ParamTable:
             n: float(v)
             for n, v in zip(self.names, np.asarray(self.to_physical(np.asarray(raw))), strict=True)
         }
+
+
+# --------------------------------------------------------------------------------------------
+# LDL's bounds (Dai & Seljak's LDL.py), for jerald-ldl
+# --------------------------------------------------------------------------------------------
+
+#: LDL's L-BFGS-B bounds, by our parameter name (without the layer index): ``(lower, upper,
+#: source)``; ``None`` is unbounded. ``"k_max"`` is ``2 pi Nmesh / BoxSize`` (see
+#: :func:`ldl_bounds`). Source: ``LDL.py`` of biweidai/LDL (commit f62f3a6), the ``bounds`` list
+#: passed to ``scipy.optimize.minimize(method="L-BFGS-B")``::
+#:
+#:     bounds = [(None, None), (0.05, 2), (0.03, 2*np.pi*args.Nmesh/205.),
+#:               (0.03, 2*np.pi*args.Nmesh/205.), (-4.5, 4.5)] * args.Nstep
+#:     if baryon:
+#:         bounds += [(0.1, None), (0., None), (None, None)]
+#:
+#: in LDL's order ``alpha, gamma, kh, kl, n`` per layer, then ``mu, b1, b0``
+#: (``b1 = w``, ``b0 = -b`` here; 205 is LDL's hard-coded BoxSize in Mpc/h).
+LDL_BOUNDS: dict[str, tuple[float | None, float | str | None, str]] = {
+    "alpha": (None, None, "LDL.py bounds[5 i]: (None, None)"),
+    "gamma": (0.05, 2.0, "LDL.py bounds[5 i + 1]: (0.05, 2)"),
+    "kh": (0.03, "k_max", "LDL.py bounds[5 i + 2]: (0.03, 2 pi Nmesh / 205)"),
+    "kl": (0.03, "k_max", "LDL.py bounds[5 i + 3]: (0.03, 2 pi Nmesh / 205)"),
+    "nu": (-4.5, 4.5, "LDL.py bounds[5 i + 4]: (-4.5, 4.5) (LDL's n)"),
+    "mu": (0.1, None, "LDL.py bounds[5 Nstep]: (0.1, None)"),
+    "w": (0.0, None, "LDL.py bounds[5 Nstep + 1]: (0, None) (LDL's b1)"),
+    "b": (None, None, "LDL.py bounds[5 Nstep + 2]: (None, None) (LDL's b0 = -b)"),
+}
+
+
+def ldl_k_max(Nmesh, BoxSize) -> float:
+    """LDL's upper bound of ``kh`` and ``kl``: ``2 pi Nmesh / BoxSize`` (h/Mpc).
+
+    LDL's mesh and box are cubic; for a non-cubic mesh or box the largest of the three axes'
+    values is used (the loosest bound, so no file valid on any axis is refused).
+
+    Parameters
+    ----------
+    Nmesh : int or 3 ints
+    BoxSize : float or 3 floats
+        Mpc/h (LDL hard-codes 205).
+    """
+    n = np.broadcast_to(np.asarray(Nmesh, dtype=float), (3,))
+    box = np.broadcast_to(np.asarray(BoxSize, dtype=float), (3,))
+    return float(np.max(2.0 * np.pi * n / box))
+
+
+def ldl_bounds(target: str, n_layers: int, Nmesh, BoxSize) -> tuple[np.ndarray, np.ndarray]:
+    """LDL's bounds on the physical parameters of a jerald-ldl model, in our table's order.
+
+    Parameters
+    ----------
+    target : {"dm", "stellar"}
+        ``dm`` (LDL's ``baryon=False``: the layers only) or ``stellar`` (every other LDL
+        target: the layers, then ``w, mu, b`` in our order).
+    n_layers : int
+        Displacement layers (LDL's ``Nstep``).
+    Nmesh, BoxSize
+        The mesh, for the upper bound of ``kh`` and ``kl`` (:func:`ldl_k_max`).
+
+    Returns
+    -------
+    lower, upper : numpy arrays
+        Physical bounds, ``-inf`` / ``inf`` where LDL has none; the sources are in
+        :data:`LDL_BOUNDS`.
+    """
+    if target not in ("dm", "stellar"):
+        raise ValueError(
+            f"LDL's models are 'dm' and 'stellar' (all baryon targets), got {target!r}"
+        )
+    k_max = ldl_k_max(Nmesh, BoxSize)
+    lower, upper = [], []
+    for spec in table(target, n_layers):
+        lo, hi, _ = LDL_BOUNDS[spec.name.split("_")[0]]
+        lower.append(-math.inf if lo is None else float(lo))
+        upper.append(math.inf if hi is None else k_max if hi == "k_max" else float(hi))
+    return np.array(lower), np.array(upper)
+
+
+def ldl_table(target: str, n_layers: int, Nmesh, BoxSize, w_init: float = 1.0) -> list[ParamSpec]:
+    """Our parameter table of an LDL model with LDL's bounds instead of ours.
+
+    Names, scalings and initial values are those of :func:`table`; only the bounds differ (see
+    :data:`LDL_BOUNDS`: e.g. ``w >= 0`` where ours is ``w >= 1e-5``, ``kl >= 0.03`` where ours is
+    ``kl >= 0.1``), so that any vector LDL's optimiser can produce loads and trains.
+
+    Parameters
+    ----------
+    target, n_layers, Nmesh, BoxSize
+        As for :func:`ldl_bounds`.
+    w_init : float
+        Initial ``w`` (LDL's ``b1``) of the stellar form.
+    """
+    lower, upper = ldl_bounds(target, n_layers, Nmesh, BoxSize)
+    specs = table(target, n_layers, w_init=w_init)
+    return [
+        dataclasses.replace(s, lower=float(lo), upper=float(hi))
+        for s, lo, hi in zip(specs, lower, upper, strict=True)
+    ]
