@@ -79,7 +79,7 @@ def _stage(smoke, kwargs, target_name, composed):
     if composed is None:
         stage = Stage(pm, cfg, w_init=w)
     else:
-        from jerald_nbk.cli.ldl import make_composed_stage
+        from jerald_nbk.model.composed import make_composed_stage
 
         index, field = composed
         field2 = maps[field]

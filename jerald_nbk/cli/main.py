@@ -463,7 +463,7 @@ def cmd_paint(args) -> int:
     if nmesh is None:
         raise SystemExit(f"jerald paint: {files[0]} records no Nmesh; pass --Nmesh")
     from ..io import read_catalog
-    from .ldl import positions_from_columns
+    from .common import positions_from_columns
 
     # read this rank's particles once: the header gives the default BoxSize
     comm = wf.default_comm()

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .ldl import (
+from .common import (
     UsageError,
     add_engine_options,
     fmt_losses,
@@ -332,7 +332,7 @@ def cmd_ref(args) -> int:
         raise UsageError("--evalpath and --optpath exclude each other")
 
     # mesh and box: options, else the reference map (Nmesh) and the catalog (BoxSize)
-    from .ldl import detect_dataset
+    from .common import detect_dataset
 
     # the catalog is read once (this rank's share): its header gives the default BoxSize
     comm = wf.default_comm()

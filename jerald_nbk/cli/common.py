@@ -1,0 +1,343 @@
+"""Command-line helpers shared by ``jerald``, ``jerald-ldl`` and ``jerald-ref``.
+
+Reading and checking the inputs (catalogs, target maps, parameter files), writing maps, messages
+on rank 0, the common engine options and the error handling of every command. Each command
+module (:mod:`.main`, :mod:`.ldl`, :mod:`.ref`) holds only its own command and imports these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+class UsageError(ValueError):
+    """A wrong or missing option (reported like an input error, exit code 2)."""
+
+
+#: defaults of the Adam options (the paper's eq-16 schedule)
+ADAM_DEFAULTS = {"eta0": 0.002, "eta_final": 0.02, "tau": 100.0, "checkpoint_every": 25}
+
+
+def detect_dataset(path, dataset: str = "auto"):
+    """The catalog dataset holding ``Position``: ``"1"`` (FastPM) or None (top level).
+
+    ``"auto"`` looks for ``1/Position`` then ``Position`` in the bigfile directory (LDL.py reads
+    ``File(path)['Position']``, the top level; FastPM writes ``1/Position``).
+    """
+    if dataset != "auto":
+        return dataset or None
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"catalog {p} does not exist")
+    if (p / "1" / "Position").exists():
+        return "1"
+    if (p / "Position").exists():
+        return None
+    return "1"  # read_catalog then says what the file does hold
+
+
+def read_positions(path, pm, dataset="auto"):
+    """This rank's particle positions of a catalog, checked (finite, (N, 3), same BoxSize).
+
+    Returns
+    -------
+    pos : (N, 3) JAX array
+    attrs : dict
+        The catalog's attributes.
+    dataset : str or None
+        The dataset read (:func:`detect_dataset`).
+    """
+    from .. import workflow as wf
+    from ..train.validate import check_particles
+
+    ds = detect_dataset(path, dataset)
+    pos, attrs = wf.read_particles(path, pm, ds)
+    check_particles(pos, pm, f"catalog {path}: Position")
+    return pos, attrs, ds
+
+
+def positions_from_columns(position, attrs: dict, pm, path):
+    """Checked positions on the engine from an already-read ``Position`` column (this rank's rows).
+
+    The catalog's BoxSize must equal the model's; positions must be a finite (N, 3) array.
+    """
+    import jax.numpy as jnp
+
+    from ..train.validate import check_particles, check_same_box
+
+    if "BoxSize" in attrs:
+        check_same_box({"BoxSize": pm.BoxSize}, "the model", attrs, f"catalog {path}")
+    pos = jnp.asarray(np.asarray(position).astype(pm.dtype))
+    check_particles(pos, pm, f"catalog {path}: Position")
+    return pos
+
+
+def read_target(path, pm, kind: str, scale: float = 1.0):
+    """A target map file on the engine's mesh, checked (shape, BoxSize, finite, >= 0).
+
+    Parameters
+    ----------
+    path : path-like
+        Bigfile mesh or ``.npy``.
+    pm : ParticleMesh
+    kind : str
+        What the map is, for messages.
+    scale : float
+        The map is divided by it.
+    """
+    from .. import workflow as wf
+    from ..train.validate import check_target
+
+    local, attrs = wf.read_map(path, pm, scale)
+    check_target(local, pm, kind, f"map {path}")
+    return local, attrs
+
+
+def mesh_of(path) -> tuple[tuple, np.ndarray]:
+    """(Nmesh, BoxSize) recorded in a mesh file (bigfile or .npy)."""
+    from ..io import read_mesh
+
+    _, attrs = read_mesh(path)
+    return tuple(int(n) for n in attrs["Nmesh"]), np.asarray(attrs["BoxSize"], dtype=float)
+
+
+def infer_layers(n_values: int, target: str, path, hi_shift=None) -> tuple[int, bool]:
+    """Number of layers (and HI shift) that a flat parameter vector of ``n_values`` implies.
+
+    DM ``5 S``; stellar ``5 S + 3``; HI ``10 S + 11`` (``+ 1`` with the shift ``zs``). Raises a
+    ValueError naming the file and the lengths a valid file may have.
+    """
+    if target == "dm":
+        ok, s, shift = n_values % 5 == 0 and n_values > 0, n_values // 5, False
+        want = "5*Nstep (5, 10, 15, ...)"
+    elif target == "stellar":
+        ok, s, shift = n_values % 5 == 3, (n_values - 3) // 5, False
+        want = "5*Nstep + 3 (3, 8, 13, ...)"
+    else:
+        shift = n_values % 10 == 2 if hi_shift is None else hi_shift
+        base = 12 if shift else 11
+        ok, s = n_values >= base and (n_values - base) % 10 == 0, (n_values - base) // 10
+        want = "10*Nstep + 11 (21, 31, ...) or, with the shift zs, 10*Nstep + 12"
+    if not ok:
+        raise ValueError(
+            f"parameter file {path}: {n_values} values; a {target} parameter file has {want}"
+        )
+    return s, shift
+
+
+def load_plain_or_json(path, target: str, flavour: str, pm, order, green=None, nstep=None):
+    """A stage from a plain-text (``flavour`` "ldl"/"jerald") or jerald-nbk JSON parameter file.
+
+    Plain-text files carry no configuration: the number of layers is inferred from the length
+    (checked against ``nstep`` when given) and the gradient order / Green's function are the
+    command's. JSON files carry their own configuration and are checked against the mesh.
+
+    Parameters
+    ----------
+    path : path-like
+        ``.json`` (jerald-nbk) or plain text (``np.savetxt``).
+    target : {"dm", "stellar", "hi"}
+        Our model the file is loaded into.
+    flavour : {"ldl", "jerald"}
+        Whose plain-text layout and bounds (:func:`jerald_nbk.io.paramfiles.load_plaintext`);
+        ``"ldl"`` files are checked against LDL's bounds on ``pm``'s mesh.
+    pm : ParticleMesh
+    order : {4, 6, "exact"}
+        Gradient order of a plain-text file's model.
+    green : {"dm", "sm"}, optional
+        Green's function of a plain-text file's model.
+    nstep : int, optional
+        Layers the file must have (``--Nstep``).
+
+    Returns
+    -------
+    stage : Stage
+    raw : numpy array
+    """
+    from .. import workflow as wf
+    from ..io.paramfiles import load_plaintext
+    from ..model.pipeline import Stage, StageConfig
+
+    path = Path(path)
+    if path.suffix == ".json":
+        return wf.load_stage(path, pm, target)
+    if not path.exists():
+        raise FileNotFoundError(f"parameter file {path} does not exist")
+    try:
+        n_values = np.atleast_1d(np.loadtxt(path, dtype=float)).size
+    except ValueError as err:
+        raise ValueError(
+            f"parameter file {path}: not a plain-text list of numbers ({err})"
+        ) from None
+    layers, shift = infer_layers(n_values, target, path)
+    if nstep is not None and layers != nstep:
+        per = {"dm": "5*Nstep", "stellar": "5*Nstep + 3", "hi": "10*Nstep + 11 (or + 12)"}[target]
+        raise ValueError(
+            f"parameter file {path}: {n_values} values = {layers} layers, but --Nstep {nstep} "
+            f"expects {per}; drop --Nstep to use the file's {layers} layers"
+        )
+    config = StageConfig(target, layers, order, shift, green)
+    if flavour == "ldl":
+        raw = load_plaintext(path, config, flavour, Nmesh=pm.Nmesh, BoxSize=pm.BoxSize)
+    else:
+        raw = load_plaintext(path, config, flavour)
+    return Stage(pm, config), raw
+
+
+def region_losses(pm, stage, pos, target, cfg, raw, star=None) -> dict:
+    """Loss of ``raw`` on the train, validation and test regions (no training).
+
+    Parameters
+    ----------
+    pm : ParticleMesh
+    stage : Stage or ComposedModel
+    pos : (N, 3) array
+        Input particles.
+    target : real mesh
+    cfg : TrainConfig
+        Loss power, smoothing and split.
+    raw : array
+    star : real mesh, optional
+        HI: the frozen stellar map.
+    """
+    from ..train.loop import Objective
+
+    return Objective(stage, pos, target, cfg, star=star).losses(raw)
+
+
+def write_map(pm, local, path, attrs: dict, fmt: str = "bigfile") -> Path:
+    """Write a local mesh as a whole-mesh file (rank 0, atomically): bigfile dir or ``.npy``."""
+    from .. import workflow as wf
+    from ..io import write_mesh
+    from ..utils import is_root
+
+    path = Path(path)
+    if fmt == "npy":
+        path = path.with_name(path.name + ".npy")
+    full = wf.to_global(pm, local)
+    if is_root(pm.comm):
+        write_mesh(path, np.asarray(full), pm.BoxSize, attrs)
+    if pm.comm is not None:
+        pm.comm.Barrier()
+    return path
+
+
+def say(pm, msg: str, err: bool = False) -> None:
+    """Print on rank 0 only."""
+    from ..utils import is_root
+
+    if is_root(pm.comm if pm is not None else None):
+        print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def fmt_losses(losses: dict) -> str:
+    """``"train L, validation L, test L"`` (6 significant digits) of a losses dict."""
+    return ", ".join(f"{k} {losses[k]:.6g}" for k in ("train", "validation", "test") if k in losses)
+
+
+def run_command(prog: str, fn, args) -> int:
+    """Run ``fn(args)``; input errors become one message naming the problem and exit code 1."""
+    t0 = time.perf_counter()
+    try:
+        rc = fn(args)
+    except UsageError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FloatingPointError, KeyError, OSError) as err:
+        msg = str(err)
+        if isinstance(err, KeyError):
+            msg = f"missing entry {msg}"
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 1
+    if not getattr(args, "quiet", False):
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.rank == 0:
+            print(f"[{prog}] done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return rc
+
+
+def add_engine_options(p: argparse.ArgumentParser, adam_defaults: bool = True) -> None:
+    """Add the engine, Adam-schedule and output options shared by the commands.
+
+    Parameters
+    ----------
+    p : argparse.ArgumentParser
+    adam_defaults : bool
+        False: the Adam options (``--eta0``, ``--eta-final``, ``--tau``, ``--checkpoint-every``)
+        default to None, so that a command whose default optimiser is not Adam can refuse them
+        when they would be ignored (and fill in :data:`ADAM_DEFAULTS` otherwise).
+    """
+    d = ADAM_DEFAULTS if adam_defaults else dict.fromkeys(ADAM_DEFAULTS)
+    only = "" if adam_defaults else "; --optimizer adam only"
+    g = p.add_argument_group("engine and optimiser (jerald-nbk additions)")
+    g.add_argument(
+        "--backend",
+        choices=["auto", "jax", "pmesh"],
+        default="auto",
+        help="engine (auto: JAX on 1 rank, pmesh under mpiexec)",
+    )
+    g.add_argument("--dtype", choices=["f4", "f8"], default="f4", help="float32 or float64")
+    g.add_argument(
+        "--eta0",
+        type=float,
+        default=d["eta0"],
+        help=f"initial Adam learning rate (eq 16; default 0.002{only})",
+    )
+    g.add_argument(
+        "--eta-final",
+        type=float,
+        default=d["eta_final"],
+        help=f"final learning rate (eq 16; default 0.02{only})",
+    )
+    g.add_argument(
+        "--tau",
+        type=float,
+        default=d["tau"],
+        help=f"schedule time scale (steps; default 100{only})",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=d["checkpoint_every"],
+        help=f"steps between checkpoints (default 25{only})",
+    )
+    g.add_argument("--dataset", default="auto", help="catalog dataset: auto, '1' or '' (top level)")
+    g.add_argument(
+        "--map-format",
+        choices=["bigfile", "npy"],
+        default="bigfile",
+        help="output map: bigfile mesh directory (dataset Field, as nbodykit's FieldMesh.save) "
+        "or NAME.npy with a JSON sidecar",
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def train_config(args, smoothing_n: float, split: str):
+    """The :class:`~jerald_nbk.train.loop.TrainConfig` of the parsed options.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        With ``steps``, ``eta0``, ``eta_final``, ``tau``, ``checkpoint_every``, ``quiet``.
+    smoothing_n : float
+        Eq-11 exponent.
+    split : {"paper", "ldl"}
+    """
+    from ..train.loop import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps,
+        eta0=args.eta0,
+        eta_final=args.eta_final,
+        tau=args.tau,
+        smoothing_n=smoothing_n,
+        split=split,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.quiet,
+    )
