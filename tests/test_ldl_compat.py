@@ -443,3 +443,11 @@ def test_options_that_would_be_ignored_are_refused(sims, tmp_path, capsys, args,
     for w in words:
         assert w in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_adam_stays_an_option(sims, tmp_path):
+    d = sims["dir"]
+    _run(sims, tmp_path, "--target", "Mstar", "--optimizer", "adam", "--eta0", "0.01",
+         "--TNGpath", d / "TNG", "--TNGDarkpath", d / "TNGDark")  # fmt: skip
+    assert np.loadtxt(tmp_path / f"{_stem('Mstar')}_bestparam.txt").shape == (8,)
+    assert (tmp_path / f"{_stem('Mstar')}_train" / "checkpoint.npz").exists()
