@@ -90,21 +90,48 @@ def _engine(Nmesh, BoxSize, dtype, backend: str, comm):
     return make_pm(Nmesh, BoxSize, dtype=dtype, backend=backend, comm=comm)
 
 
-class _StageSpec:
-    """A stage given as a parameter-file path or as ``(Stage, raw)``, before it is built."""
+#: plain-text flavours: (gradient order, Green's function) of the code that wrote the file. LDL
+#: (Dai & Seljak) uses 4th-order gradients and the eq-6 Green's function for every target (as
+#: ``jerald-ldl`` does); the JERALD reference 6th-order gradients and eq 7 for DM, eq 6 otherwise.
+PLAINTEXT_FLAVOURS = {"ldl": (4, "sm"), "jerald": (6, None)}
 
-    def __init__(self, spec, what: str):
+
+def _is_json(path: Path) -> bool:
+    """``.json`` suffix, or a file whose first non-blank character opens a JSON object."""
+    if path.suffix == ".json":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(256).lstrip()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"parameter file {path} does not exist") from None
+    return head.startswith(b"{")
+
+
+class _StageSpec:
+    """A stage given as a parameter-file path or as ``(Stage, raw)``, before it is built.
+
+    Parameter files: jerald-nbk JSON (self-describing: target, layers, geometry), or the LDL /
+    JERALD reference plain-text files (``flavour`` says whose; the target is the slot the file is
+    given for and the layer count follows from the file's length, checked against ``layers``).
+    """
+
+    def __init__(self, spec, what: str, flavour: str | None = None, layers: int | None = None):
         from .model.pipeline import Stage
 
         self.what = what
         self.stage = None
         self.path = None
+        self.flavour = "json"
         if isinstance(spec, str | os.PathLike):
-            from .io.paramfiles import load_params
-
             self.path = Path(spec)
-            self.config, self.raw, self.provenance = load_params(self.path)
-            self.label = f"parameter file {self.path}"
+            if _is_json(self.path):
+                from .io.paramfiles import load_params
+
+                self.config, self.raw, self.provenance = load_params(self.path)
+                self.label = f"parameter file {self.path}"
+            else:
+                self._load_plaintext(flavour, layers)
         elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], Stage):
             self.stage, raw = spec
             self.raw = np.asarray(raw, dtype=float)
@@ -113,13 +140,54 @@ class _StageSpec:
             self.label = f"{what} stage"
         else:
             raise TypeError(
-                f"{what} parameters must be a parameter-file path or a (Stage, raw) tuple, "
-                f"got {type(spec).__name__}"
+                f"{what} parameters must be a parameter-file path (JSON, LDL or JERALD plain "
+                f"text) or a (Stage, raw) tuple, got {type(spec).__name__}"
             )
         if self.config.target != what:
             raise ValueError(
                 f"{self.label} holds a {self.config.target!r} model, expected {what!r}"
             )
+        if layers is not None and int(layers) != self.config.n_layers:
+            raise ValueError(
+                f"{self.label} has {self.config.n_layers} {what} layers, but layers={layers} "
+                "was given"
+            )
+
+    def _load_plaintext(self, flavour, layers) -> None:
+        from .io.paramfiles import infer_ref_layers, is_ref_optstate, load_plaintext
+        from .model.pipeline import StageConfig
+
+        path = self.path
+        if flavour not in PLAINTEXT_FLAVOURS:
+            raise ValueError(
+                f"parameter file {path} is plain text, written by LDL or by the JERALD reference "
+                "code, whose orders, signs and scalings differ and cannot be told apart from "
+                f"the numbers: pass flavour='ldl' or flavour='jerald' (got flavour={flavour!r})"
+            )
+        if is_ref_optstate(path):
+            raise ValueError(
+                f"parameter file {path} is a JERALD optimiser-state file: pass the "
+                "..._bestparam.txt file written next to it"
+            )
+        try:
+            n_values = np.atleast_1d(np.loadtxt(path, dtype=float)).size
+        except ValueError as err:
+            raise ValueError(
+                f"parameter file {path}: not a plain-text list of numbers ({err})"
+            ) from None
+        # LDL's DM (5 S) and stellar (5 S + 3) lengths are the JERALD reference's: one rule
+        inferred, shift = infer_ref_layers(n_values, self.what, path)
+        if layers is not None and int(layers) != inferred:
+            raise ValueError(
+                f"parameter file {path}: {n_values} values are a {inferred}-layer {self.what} "
+                f"model, but layers={layers} was given"
+            )
+        order, green = PLAINTEXT_FLAVOURS[flavour]
+        self.config = StageConfig(self.what, inferred, order, shift, green)
+        self.raw = load_plaintext(path, self.config, flavour)
+        self.provenance = {}
+        self.flavour = flavour
+        self.label = f"{'LDL' if flavour == 'ldl' else 'JERALD'} parameter file {path}"
 
     def geometry(self):
         """``(label, Nmesh, BoxSize)`` this stage was trained / built at (None when unknown)."""
@@ -151,6 +219,7 @@ class _StageSpec:
     def describe(self) -> dict:
         return {
             "params": str(self.path) if self.path is not None else "<in memory>",
+            "format": self.flavour if self.path is not None else "<in memory>",
             "layers": int(self.config.n_layers),
             "config": json.dumps(self.config.as_dict()),
         }
@@ -203,9 +272,11 @@ class JeraldCatalog(CatalogSource):
         Any nbodykit catalog with a ``Position`` column (Mpc/h), e.g. ``BigFileCatalog(path,
         dataset="1")`` of a FastPM run. Its other columns pass through unchanged.
     params : path-like, ``(Stage, raw)`` or Pipeline
-        The trained DM stage: a JSON parameter file (:func:`jerald_nbk.io.paramfiles.save_params`),
-        a built stage with its raw vector, or a :class:`~jerald_nbk.model.pipeline.Pipeline`
-        (its ``dm`` stage is used).
+        The trained DM stage: a parameter file, a built stage with its raw vector, or a
+        :class:`~jerald_nbk.model.pipeline.Pipeline` (its ``dm`` stage is used). Parameter files:
+        jerald-nbk JSON (:func:`jerald_nbk.io.paramfiles.save_params`; it records its target,
+        layers and geometry), or an LDL / JERALD reference plain-text file (``flavour`` needed;
+        the layer count follows from its length).
     comm : MPI communicator, optional
         Default: the source's. Each rank displaces its own rows of the source.
     BoxSize : float or 3 floats, optional
@@ -221,14 +292,28 @@ class JeraldCatalog(CatalogSource):
     wrap : bool
         Wrap the improved positions into ``[0, BoxSize)`` (default; the layers move particles
         across the periodic boundary).
+    flavour : {None, "ldl", "jerald"}
+        Whose layout a plain-text parameter file has (LDL's or the JERALD reference's: their
+        orders, signs and scalings differ, so it must be said); ignored for JSON files.
+    layers : int, optional
+        Expected number of DM layers; an error if the file holds another number.
+    velocity : {None, "input"}
+        The JERALD layers move particles by a learned, non-dynamical displacement; there is no
+        velocity consistent with it. ``None`` (default): the input's velocity columns
+        (``Velocity*``) are withheld and asking for them raises a KeyError saying why, so that a
+        redshift-space position built from them cannot silently pair FastPM velocities with
+        displaced positions. ``"input"``: pass them through unchanged, i.e. approximate each
+        particle's velocity by its FastPM velocity (the displacement is a fraction of a cell;
+        the approximation is recorded in ``attrs['jerald.velocity']``).
 
     Attributes
     ----------
     attrs : dict
         The source's attrs, plus ``BoxSize`` and ``Nmesh`` (so ``to_mesh()`` needs no arguments)
         and provenance: ``jerald.version``, ``jerald.backend``, ``jerald.Nmesh``,
-        ``jerald.BoxSize``, ``jerald.dm.params`` (the file), ``jerald.dm.layers``,
-        ``jerald.dm.config``.
+        ``jerald.BoxSize``, ``jerald.dm.params`` (the file), ``jerald.dm.format`` (``json``,
+        ``ldl`` or ``jerald``), ``jerald.dm.layers``, ``jerald.dm.config``,
+        ``jerald.velocity``.
     engine : ParticleMesh
         The engine the layers ran on.
 
@@ -249,8 +334,14 @@ class JeraldCatalog(CatalogSource):
         backend: str = "auto",
         dtype: str = "f4",
         wrap: bool = True,
+        flavour: str | None = None,
+        layers: int | None = None,
+        velocity: str | None = None,
     ):
         from .model.pipeline import Pipeline
+
+        if velocity not in (None, "input"):
+            raise ValueError(f"velocity must be None or 'input', got {velocity!r}")
 
         comm = _resolve_comm(comm, source)
         if getattr(source, "comm", comm).size != comm.size:
@@ -261,7 +352,7 @@ class JeraldCatalog(CatalogSource):
             if params.dm is None:
                 raise ValueError("the Pipeline given as params has no DM stage")
             params = params.dm
-        spec = _StageSpec(params, "dm")
+        spec = _StageSpec(params, "dm", flavour, layers)
         src_nmesh, src_box = _source_geometry(source)
         plabel, p_nmesh, p_box = spec.geometry()
         box = _agree(
@@ -292,9 +383,11 @@ class JeraldCatalog(CatalogSource):
         src_dtype = source["Position"].dtype
         self._improved = improved.astype(src_dtype if src_dtype.kind == "f" else np.float64)
         self._source = source
-        self._passthrough = [
-            c for c in source.columns if c != "Position" and not source[c].is_default
-        ]
+        passthrough = [c for c in source.columns if c != "Position" and not source[c].is_default]
+        self._withheld = (
+            [c for c in passthrough if c.startswith("Velocity")] if velocity is None else []
+        )
+        self._passthrough = [c for c in passthrough if c not in self._withheld]
         self._size = len(self._improved)
         if self._size != source.size:
             raise RuntimeError(f"{self._size} improved positions for {source.size} rows")
@@ -303,7 +396,25 @@ class JeraldCatalog(CatalogSource):
         self.attrs["BoxSize"] = np.array(box, dtype="f8")
         self.attrs["Nmesh"] = np.array(nmesh, dtype="i8")
         self.attrs.update(_provenance_attrs(self.engine, {"dm": spec}))
+        self.attrs["jerald.velocity"] = (
+            f"withheld ({', '.join(self._withheld) or 'none in the input'}): no velocity is "
+            "consistent with the JERALD displacement"
+            if velocity is None
+            else "input: the FastPM velocity of each particle, unchanged by the displacement"
+        )
         CatalogSource.__init__(self, comm)
+
+    def __getitem__(self, sel):
+        """Columns and slices as for any CatalogSource; a withheld velocity column says why."""
+        withheld = getattr(self, "_withheld", ())
+        if isinstance(sel, str) and sel in withheld and sel not in self.columns:
+            raise KeyError(
+                f"column {sel!r} of the input catalog is withheld: the JERALD layers displace "
+                "the particles without a consistent velocity, so FastPM's would not match the "
+                "improved positions. Pass velocity='input' to JeraldCatalog to use the FastPM "
+                "velocities as an approximation (e.g. for redshift-space distortions)."
+            )
+        return CatalogSource.__getitem__(self, sel)
 
     @property
     def hardcolumns(self):
@@ -331,6 +442,30 @@ class JeraldCatalog(CatalogSource):
 
 TARGETS = ("dm", "stellar", "hi")
 
+#: units of each target's map before normalisation (``to_real_field(normalize=False)``)
+RAW_UNITS = {
+    "dm": "particles per cell (CIC, unit mass)",
+    "stellar": "1e10 Msun/h per cell",
+    "hi": "HI training-target units",
+}
+
+
+def _per_stage(name: str, value, given: dict) -> dict:
+    """``value`` (one for all stages, or a dict by target) as a dict over the stages given."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        unknown = set(value) - set(TARGETS)
+        if unknown:
+            raise ValueError(f"{name}: unknown targets {sorted(unknown)}, expected {TARGETS}")
+        return dict(value)
+    if name == "layers" and len(given) > 1:
+        raise ValueError(
+            f"layers={value} is ambiguous with {len(given)} stages ({', '.join(given)}): "
+            "pass a dict, e.g. layers={'dm': 2, 'stellar': 1}"
+        )
+    return {t: value for t in given}
+
 
 class JeraldMesh(MeshSource):
     """The DM, stellar-mass or HI map that JERALD predicts from a catalog, as a MeshSource.
@@ -341,23 +476,49 @@ class JeraldMesh(MeshSource):
         Input particles (``Position`` in Mpc/h): FastPM output, or already improved positions
         (e.g. a :class:`JeraldCatalog`) with ``dm=None``.
     dm, stellar, hi : path-like or ``(Stage, raw)``, optional
-        Trained stages (JSON parameter files or built stages). ``dm=None`` paints the input
-        positions as they are. ``target="stellar"`` needs ``stellar``; ``target="hi"`` needs
-        ``stellar`` and ``hi`` (the HI model uses the frozen stellar map).
-    target : {"dm", "stellar", "hi"}
-        Which map: ``1 + delta`` of the (improved) particles, stellar mass (1e10 Msun/h per cell) or
-        the HI map in the units of the HI training target.
+        Trained stages: parameter files (jerald-nbk JSON, or LDL / JERALD reference plain text
+        with ``flavour``; a plain-text file's target is the argument it is given as) or built
+        stages. ``dm=None`` paints the input positions as they are. ``target="stellar"`` needs
+        ``stellar``; ``target="hi"`` needs ``stellar`` and ``hi`` (the HI model uses the frozen
+        stellar map).
+    target : {"dm", "stellar", "hi"}, optional
+        Which map: the (improved) particles' CIC density, the stellar-mass map or the HI map.
+        Default: the last stage given (``hi`` if given, else ``stellar`` if given, else ``dm``).
     Nmesh, BoxSize : optional
-        Default from the parameter files' provenance and the source's attrs (all must agree).
+        Default from the parameter files' provenance and the source's attrs (all must agree;
+        plain-text files record neither).
     comm : MPI communicator, optional
         Default: the source's.
     backend : {"auto", "jax", "pmesh"}
         As in :class:`JeraldCatalog`.
     dtype : {"f4", "f8"}
         Mesh and model precision.
+    flavour : {None, "ldl", "jerald"} or dict
+        Whose layout the plain-text parameter files have (one for all, or per stage:
+        ``{"dm": "ldl", ...}``); ignored for JSON files.
+    layers : int or dict, optional
+        Expected layer counts, checked against the files: a dict ``{"dm": 2, "stellar": 1}``, or
+        an int when a single stage is given.
+
+    Attributes
+    ----------
+    attrs : dict
+        ``BoxSize``, ``Nmesh``, ``target``, ``units`` (of ``compute()`` / ``save()`` /
+        ``FFTPower``: ``1+delta``), ``raw_units`` (of ``to_real_field(normalize=False)``:
+        particles per cell for DM, 1e10 Msun/h per cell for stellar mass, the HI training
+        target's units for HI), ``redshift`` when the files record it, and the provenance of
+        :class:`JeraldCatalog` per stage.
 
     Notes
     -----
+    Units follow nbodykit's ``CatalogMesh``: ``to_real_field(normalize=True)`` (what
+    ``compute()``, ``save()`` and ``FFTPower`` use) divides the map by its mean, giving
+    ``1 + delta`` of the DM, stellar-mass or HI field; ``normalize=False`` gives the model's
+    units. For DM the raw map is the CIC count of unit-mass particles per cell, exactly as
+    nbodykit paints a catalog, and the field's ``shotnoise`` attribute is ``V / N`` as nbodykit's.
+    The returned field's ``attrs`` hold ``units``, ``normalized`` and ``mean`` (in raw units; a
+    saved map times ``mean`` is the raw map).
+
     The map is computed once, at the first ``compute()`` / ``to_real_field()``, and cached; views
     made by ``apply`` share it. On the pmesh engine the local slab is nbodykit's own slab of the
     mesh when the two layouts agree (same Nmesh, BoxSize, dtype and communicator: the usual case);
@@ -370,13 +531,17 @@ class JeraldMesh(MeshSource):
         dm=None,
         stellar=None,
         hi=None,
-        target: str = "dm",
+        target: str | None = None,
         Nmesh=None,
         BoxSize=None,
         comm=None,
         backend: str = "auto",
         dtype: str = "f4",
+        flavour=None,
+        layers=None,
     ):
+        if target is None:
+            target = "hi" if hi is not None else "stellar" if stellar is not None else "dm"
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         if target in ("stellar", "hi") and stellar is None:
@@ -384,12 +549,17 @@ class JeraldMesh(MeshSource):
         if target == "hi" and hi is None:
             raise ValueError("target='hi' needs the HI parameters (hi=...)")
         comm = _resolve_comm(comm, source)
+        given = {
+            "dm": dm,
+            "stellar": None if target == "dm" else stellar,
+            "hi": None if target != "hi" else hi,
+        }
+        given = {k: v for k, v in given.items() if v is not None}
+        flavours = _per_stage("flavour", flavour, given)
+        nlayers = _per_stage("layers", layers, given)
         specs = {
-            "dm": None if dm is None else _StageSpec(dm, "dm"),
-            "stellar": None
-            if stellar is None or target == "dm"
-            else _StageSpec(stellar, "stellar"),
-            "hi": None if hi is None or target != "hi" else _StageSpec(hi, "hi"),
+            t: _StageSpec(given[t], t, flavours.get(t), nlayers.get(t)) if t in given else None
+            for t in TARGETS
         }
         src_nmesh, src_box = _source_geometry(source)
         geo = [s.geometry() for s in specs.values() if s is not None]
@@ -421,15 +591,13 @@ class JeraldMesh(MeshSource):
         self._source = source
         self._target = target
         self._local = None
+        self._mean = None
 
         MeshSource.__init__(self, comm, nmesh, box, np.dtype(dtype))
         self.attrs.update(_provenance_attrs(engine, specs))
         self.attrs["target"] = target
-        self.attrs["units"] = {
-            "dm": "1+delta",
-            "stellar": "1e10 Msun/h per cell",
-            "hi": "HI training-target units",
-        }[target]
+        self.attrs["units"] = "1+delta"
+        self.attrs["raw_units"] = RAW_UNITS[target]
         redshift = next(
             (s.provenance["redshift"] for s in specs.values() if s and "redshift" in s.provenance),
             None,
@@ -440,31 +608,64 @@ class JeraldMesh(MeshSource):
     def __repr__(self):
         return f"JeraldMesh(target={self._target!r}, Nmesh={list(self.pm.Nmesh)})"
 
-    def _compute_local(self) -> np.ndarray:
-        """This rank's slab of the map on the engine's layout (all ranks must call it)."""
+    def _compute_local(self):
+        """This rank's slab of the raw map and the map's global mean (all ranks must call it)."""
         from .model.pipeline import Pipeline
 
         st = self._stages
-        pos = _local_positions(self._source, self.engine.dtype)
+        eng = self.engine
+        pos = _local_positions(self._source, eng.dtype)
         if self._target == "dm":
             x = Pipeline(dm=st["dm"]).improve(pos)
-            return np.asarray(self.engine.density(x))
+            # unit-mass CIC counts, nbodykit's normalize=False; its mean is N / Ncells exactly
+            return np.asarray(eng.paint(x)), eng.count(x) / eng.ncells
         pipe = Pipeline(dm=st["dm"], stellar=st["stellar"], hi=st["hi"])
         x = pipe.improve(pos)
         star = st["stellar"][0].forward(x, st["stellar"][1])
-        if self._target == "stellar":
-            return np.asarray(star)
-        return np.asarray(st["hi"][0].forward(x, st["hi"][1], star=star))
+        raw = star if self._target == "stellar" else st["hi"][0].forward(x, st["hi"][1], star=star)
+        raw = np.asarray(raw)
+        total = float(np.sum(raw, dtype=np.float64))
+        if eng.comm is not None and eng.comm.size > 1:
+            total = eng.comm.allreduce(total)
+        return raw, total / eng.ncells
 
     def to_real_field(self, out=None, normalize=True):
         """The map as a :class:`pmesh.pm.RealField` on ``self.pm`` (computed once, then cached).
 
-        ``out`` and ``normalize`` (MeshSource's signature) are ignored: the map is returned as the
-        model defines it.
+        Parameters
+        ----------
+        out : pmesh.pm.RealField, optional
+            Written into and returned (its mesh must be ``self.pm``'s: same Nmesh, BoxSize).
+        normalize : bool
+            As nbodykit's ``CatalogMesh``: divide by the map's mean, giving ``1 + delta``
+            (a map of mean 0 becomes 1 everywhere, with a warning, as nbodykit does for an
+            empty catalog). False: the model's units (``attrs['raw_units']``).
+
+        Returns
+        -------
+        pmesh.pm.RealField
+            With ``attrs``: ``units``, ``normalized``, ``mean`` (raw units) and, for DM,
+            ``shotnoise`` (``V / N``) and ``N``.
         """
         if self._local is None:
-            self._local = self._compute_local()
-        field = self.pm.create(type="real")
+            self._local, self._mean = self._compute_local()
+        if out is None:
+            field = self.pm.create(type="real")
+        else:
+            from pmesh.pm import RealField
+
+            if not isinstance(out, RealField):
+                raise TypeError(f"out must be a pmesh RealField, got {type(out).__name__}")
+            if tuple(out.pm.Nmesh) != tuple(self.pm.Nmesh) or not np.allclose(
+                out.pm.BoxSize, self.pm.BoxSize
+            ):
+                raise ValueError(
+                    f"out is on a mesh with Nmesh {np.asarray(out.pm.Nmesh).tolist()}, BoxSize "
+                    f"{np.asarray(out.pm.BoxSize).tolist()}; this map has Nmesh "
+                    f"{np.asarray(self.pm.Nmesh).tolist()}, BoxSize "
+                    f"{np.asarray(self.pm.BoxSize).tolist()}"
+                )
+            field = out
         local = self._local
         if self._same_layout(field, local):
             field.value[...] = local
@@ -475,6 +676,26 @@ class JeraldMesh(MeshSource):
             )
             full = self._global(local)
             field.value[...] = full[tuple(field.slices)]
+        mean = float(self._mean)
+        if normalize:
+            if mean > 0:
+                field.value[...] /= mean
+            else:
+                warnings.warn(
+                    f"JeraldMesh: the {self._target} map has mean {mean:g}; normalize=True sets "
+                    "it to 1 everywhere (nbodykit's convention); use normalize=False for the map",
+                    stacklevel=2,
+                )
+                field.value[...] = 1
+        field.attrs = {
+            "units": "1+delta" if normalize else RAW_UNITS[self._target],
+            "normalized": bool(normalize),
+            "mean": mean,
+        }
+        if self._target == "dm":
+            n_total = mean * float(np.prod(self.pm.Nmesh))
+            field.attrs["N"] = int(round(n_total))
+            field.attrs["shotnoise"] = float(np.prod(self.pm.BoxSize)) / n_total
         return field
 
     def _same_layout(self, field, local) -> bool:

@@ -100,7 +100,7 @@ def reference_pipeline(targets=("dm", "stellar", "hi")):
 
 def test_catalog_position_is_stage_displace(param_files, particles):
     src = serial_catalog(particles, BoxSize=BOX)
-    cat = JeraldCatalog(src, param_files["dm"])
+    cat = JeraldCatalog(src, param_files["dm"], velocity="input")
     expected = np.mod(np.asarray(reference_pipeline(["dm"]).improve(particles)), BOX)
     got = cat["Position"].compute()
     np.testing.assert_array_equal(got, expected.astype("f4"))
@@ -130,7 +130,7 @@ def test_catalog_accepts_stage_and_pipeline(param_files, particles):
 def test_catalog_to_mesh_fftpower_save(param_files, particles, tmp_path):
     from nbodykit.lab import BigFileCatalog, FFTPower
 
-    cat = JeraldCatalog(serial_catalog(particles, BoxSize=BOX), param_files["dm"])
+    cat = JeraldCatalog(serial_catalog(particles, BoxSize=BOX), param_files["dm"], velocity="input")
     mesh = cat.to_mesh(resampler="cic", compensated=False)  # Nmesh, BoxSize from attrs
     r = FFTPower(mesh, mode="1d").power
     density = np.asarray(JaxPM(NMESH, BOX).density(cat["Position"].compute()))
@@ -177,6 +177,7 @@ def test_mesh_power_equals_pipeline_maps(param_files, particles, target):
     kw = {"dm": param_files["dm"], "stellar": param_files["stellar"], "hi": param_files["hi"]}
     mesh = JeraldMesh(serial_catalog(particles, BoxSize=BOX), target=target, **kw)
     expected = np.asarray(reference_pipeline().maps(particles)[target])
+    expected = expected / expected.mean(dtype=np.float64)  # compute() is 1 + delta (nbodykit's)
     field = mesh.compute(mode="real")
     np.testing.assert_allclose(field.value, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
     assert np.std(expected) > 0
@@ -200,6 +201,7 @@ def test_mesh_cross_power_apply_paint_save(param_files, particles, tmp_path):
     dm = JeraldMesh(src, dm=param_files["dm"])
     star = JeraldMesh(src, dm=param_files["dm"], stellar=param_files["stellar"], target="stellar")
     maps = reference_pipeline(["dm", "stellar"]).maps(particles)
+    maps = {k: np.asarray(v) / np.asarray(v).mean(dtype=np.float64) for k, v in maps.items()}
 
     cross = FFTPower(dm, mode="1d", second=star).power
     ours = power_spectrum(
@@ -232,6 +234,141 @@ def test_mesh_input_checks(param_files, particles):
         JeraldMesh(src, dm=param_files["dm"], BoxSize=50.0)
 
 
+# ------------------------------------------------- behaving like nbodykit's own sources
+
+
+def nbodykit_mesh(pos):
+    """What nbodykit does with the same positions: an ArrayCatalog painted with CIC."""
+    from nbodykit.lab import ArrayCatalog
+
+    cat = ArrayCatalog({"Position": np.asarray(pos, "f4")}, comm=MPI.COMM_SELF, BoxSize=BOX)
+    return cat.to_mesh(Nmesh=NMESH, BoxSize=BOX, resampler="cic", compensated=False)
+
+
+@pytest.mark.parametrize("dm", [False, True])
+def test_mesh_normalize_and_power_match_nbodykit_array_catalog(param_files, particles, dm):
+    """JeraldMesh(target='dm') = nbodykit painting the (improved) positions, both normalisations."""
+    from nbodykit.lab import FFTPower
+
+    src = serial_catalog(particles, BoxSize=BOX)
+    mesh = JeraldMesh(src, dm=param_files["dm"] if dm else None, target="dm", Nmesh=NMESH)
+    pos = JeraldCatalog(src, param_files["dm"])["Position"].compute() if dm else particles
+    ref = nbodykit_mesh(pos)
+    for normalize in (False, True):
+        ours = mesh.to_real_field(normalize=normalize)
+        theirs = ref.to_real_field(normalize=normalize)
+        np.testing.assert_allclose(ours.value, theirs.value, rtol=1e-5, atol=1e-5)
+        assert ours.attrs["normalized"] is normalize
+        np.testing.assert_allclose(ours.attrs["shotnoise"], theirs.attrs["shotnoise"], rtol=1e-12)
+    raw = mesh.to_real_field(normalize=False).value
+    np.testing.assert_allclose(raw.sum(), NSIDE**3, rtol=1e-5)  # counts of unit-mass particles
+    assert mesh.attrs["units"] == "1+delta"
+    assert "particles per cell" in mesh.attrs["raw_units"]
+
+    p_ours = FFTPower(mesh, mode="1d").power
+    p_theirs = FFTPower(ref, mode="1d").power
+    np.testing.assert_array_equal(p_ours["modes"], p_theirs["modes"])
+    ok = p_theirs["modes"] > 1
+    np.testing.assert_allclose(p_ours["power"].real[ok], p_theirs["power"].real[ok], rtol=1e-4)
+    assert p_ours.attrs["shotnoise"] == pytest.approx(p_theirs.attrs["shotnoise"], rel=1e-12)
+
+
+def test_mesh_out_and_raw_units(param_files, particles):
+    """``out`` is written and returned; ``normalize=False`` is the model's map, True map/mean."""
+    src = serial_catalog(particles, BoxSize=BOX)
+    kw = {"dm": param_files["dm"], "stellar": param_files["stellar"]}
+    star = JeraldMesh(src, **kw)  # target inferred: the last stage given
+    assert star.attrs["target"] == "stellar"
+    assert star.attrs["raw_units"] == "1e10 Msun/h per cell"
+    expected = np.asarray(reference_pipeline(["dm", "stellar"]).maps(particles)["stellar"])
+    out = star.pm.create(type="real")
+    got = star.to_real_field(out=out, normalize=False)
+    assert got is out
+    np.testing.assert_allclose(out.value, expected, rtol=1e-6, atol=1e-6 * expected.max())
+    assert out.attrs["units"] == "1e10 Msun/h per cell"
+    mean = expected.mean(dtype=np.float64)
+    assert out.attrs["mean"] == pytest.approx(mean, rel=1e-5)
+    norm = star.to_real_field()
+    np.testing.assert_allclose(norm.value, expected / mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(norm.value.mean(dtype=np.float64), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"out is on a mesh with Nmesh \[8, 8, 8\]"):
+        from pmesh.pm import ParticleMesh
+
+        other = ParticleMesh(Nmesh=[8] * 3, BoxSize=BOX, comm=MPI.COMM_SELF, dtype="f4")
+        star.to_real_field(out=other.create(type="real"))
+
+
+def test_catalog_velocity_withheld_unless_asked(param_files, particles):
+    src = serial_catalog(particles, BoxSize=BOX)
+    cat = JeraldCatalog(src, param_files["dm"])
+    assert "Velocity" not in cat.columns
+    with pytest.raises(KeyError, match="withheld.*velocity='input'"):
+        cat["Velocity"]
+    assert "withheld (Velocity)" in cat.attrs["jerald.velocity"]
+    kept = JeraldCatalog(src, param_files["dm"], velocity="input")
+    np.testing.assert_array_equal(kept["Velocity"].compute(), src["Velocity"].compute())
+    assert kept.attrs["jerald.velocity"].startswith("input")
+    with pytest.raises(ValueError, match="velocity must be None or 'input'"):
+        JeraldCatalog(src, param_files["dm"], velocity="fastpm")
+
+
+@pytest.mark.parametrize("flavour", ["jerald", "ldl"])
+def test_plaintext_parameter_files(param_files, particles, tmp_path, flavour):
+    """LDL and JERALD plain-text files give the model those codes define, layers from the length."""
+    from jerald_nbk.io.paramfiles import save_plaintext
+
+    order, green = {"ldl": (4, "sm"), "jerald": (6, None)}[flavour]
+    configs = {
+        t: StageConfig(t, CONFIGS[t].n_layers, order, False, green) for t in ("dm", "stellar")
+    }
+    paths = {
+        t: save_plaintext(tmp_path / f"{t}.txt", configs[t], raw_params(t), flavour)
+        for t in configs
+    }
+    src = serial_catalog(particles, BoxSize=BOX)
+    cat = JeraldCatalog(src, paths["dm"], flavour=flavour, Nmesh=NMESH)
+    pm = JaxPM(NMESH, BOX)
+    ref = Pipeline(**{t: (Stage(pm, c), raw_params(t)) for t, c in configs.items()})
+    np.testing.assert_allclose(
+        cat["Position"].compute(), np.mod(np.asarray(ref.improve(particles)), BOX), atol=1e-4
+    )
+    assert cat.attrs["jerald.dm.format"] == flavour
+    assert cat.attrs["jerald.dm.layers"] == CONFIGS["dm"].n_layers
+    if flavour == "jerald":  # the same model as the JSON file: the same positions
+        json_pos = JeraldCatalog(src, param_files["dm"])["Position"].compute()
+        np.testing.assert_allclose(cat["Position"].compute(), json_pos, atol=1e-4)
+    star = JeraldMesh(src, dm=paths["dm"], stellar=paths["stellar"], flavour=flavour, Nmesh=NMESH)
+    expected = np.asarray(ref.maps(particles)["stellar"])
+    np.testing.assert_allclose(
+        star.to_real_field(normalize=False).value, expected, rtol=1e-5, atol=1e-5 * expected.max()
+    )
+    # mixed: a JSON DM stage and a plain-text stellar stage
+    JeraldMesh(src, dm=param_files["dm"], stellar=paths["stellar"], flavour={"stellar": flavour})
+
+
+def test_parameter_file_ambiguities(param_files, particles, tmp_path):
+    from jerald_nbk.io.paramfiles import save_plaintext
+
+    src = serial_catalog(particles, BoxSize=BOX)
+    path = save_plaintext(tmp_path / "dm.txt", CONFIGS["dm"], raw_params("dm"), "jerald")
+    with pytest.raises(
+        ValueError, match=r"dm\.txt is plain text.*flavour='ldl' or flavour='jerald'"
+    ):
+        JeraldCatalog(src, path, Nmesh=NMESH)
+    with pytest.raises(ValueError, match=r"10 values are a 2-layer dm model, but layers=3"):
+        JeraldCatalog(src, path, flavour="jerald", layers=3, Nmesh=NMESH)
+    with pytest.raises(ValueError, match=r"has 2 dm layers, but layers=1"):
+        JeraldCatalog(src, param_files["dm"], layers=1)
+    with pytest.raises(ValueError, match=r"layers=2 is ambiguous with 2 stages"):
+        JeraldMesh(src, dm=param_files["dm"], stellar=param_files["stellar"], layers=2)
+    with pytest.raises(ValueError, match=r"BoxSize is not given"):  # plain text records no mesh
+        JeraldCatalog(serial_catalog(particles), path, flavour="jerald")
+    with pytest.raises(ValueError, match=r"11 values; a JERALD reference dm file has 5\*Nstep"):
+        bad = tmp_path / "bad.txt"
+        np.savetxt(bad, np.ones(11))
+        JeraldCatalog(src, bad, flavour="jerald", Nmesh=NMESH)
+
+
 # ------------------------------------------------------------------------------------- MPI
 
 
@@ -241,7 +378,7 @@ def test_mpi_matches_single_process(param_files, particles):
 
     comm = COMM
     src = local_catalog(particles, comm, BoxSize=BOX)
-    cat = JeraldCatalog(src, param_files["dm"])
+    cat = JeraldCatalog(src, param_files["dm"], velocity="input")
     pos = np.concatenate(comm.allgather(cat["Position"].compute()))
     vel = np.concatenate(comm.allgather(cat["Velocity"].compute()))
     kw = {"dm": param_files["dm"], "stellar": param_files["stellar"], "hi": param_files["hi"]}
@@ -264,7 +401,7 @@ def test_mpi_matches_single_process(param_files, particles):
     np.testing.assert_array_equal(vel, serial["Velocity"].compute())
     maps = reference_pipeline().maps(particles)
     for target in ("dm", "stellar", "hi"):
-        expected = np.asarray(maps[target])
+        expected = np.asarray(maps[target]) / np.asarray(maps[target]).mean(dtype=np.float64)
         scale = np.abs(expected).max()
         np.testing.assert_allclose(fields[target], expected, atol=1e-4 * scale)
         ours = power_spectrum(expected.astype(np.float32), BOX).power
@@ -279,7 +416,7 @@ def test_mpi_save_round_trip(param_files, particles, tmp_path):
 
     root = COMM.bcast(str(tmp_path) if COMM.rank == 0 else None)
     src = local_catalog(particles, COMM, BoxSize=BOX)
-    cat = JeraldCatalog(src, param_files["dm"])
+    cat = JeraldCatalog(src, param_files["dm"], velocity="input")
     mesh = JeraldMesh(src, dm=param_files["dm"], stellar=param_files["stellar"], target="stellar")
     cat.save(f"{root}/cat", ["Position", "Velocity"])
     mesh.save(f"{root}/mesh")
