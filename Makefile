@@ -9,12 +9,13 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test test-serial test-mpi bench lint format clean
 
-# The stamp is rebuilt when the pins, the build recipe or the C++ kernels change.
-$(STAMP): setup.cfg setup.py pyproject.toml scripts/install_stack.sh src_cpp/cic.cpp
+# The stamp is rebuilt when the requirements, the pins (constraints.txt), the build recipe or the
+# C++ kernels change.
+$(STAMP): setup.cfg constraints.txt setup.py pyproject.toml scripts/install_stack.sh src_cpp/cic.cpp
 	./scripts/install_stack.sh
 	@touch $(STAMP)
 
-## install: build the whole stack into .venv (idempotent; wheels cached in ~/.cache/jerald-nbk)
+## install: build the whole stack into .venv at the versions of constraints.txt (idempotent; wheels cached in ~/.cache/jerald-nbk)
 install:
 	./scripts/install_stack.sh
 	@touch $(STAMP)

@@ -7,7 +7,11 @@
 # docs/install.md. Built wheels are cached in $JERALD_CACHE (default ~/.cache/jerald-nbk) so
 # that a second install on the same machine only copies wheels.
 #
-# Versions are pinned in setup.cfg (install_requires); this script reads them from there.
+# The tested versions are pinned in constraints.txt (setup.cfg holds compatible ranges only); this
+# script reads the pins from there and passes the file to pip with -c. The default install includes
+# the `mpi-wheel` extra (the mpich wheel); JERALD_EXTRAS overrides the extras, e.g.
+# JERALD_EXTRAS=test,dev,vmad (the extras installed into the venv only; see docs/install.md for a
+# system MPI).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,18 +30,14 @@ CLASS_CARRIER=classy==3.3.1.0
 say() { printf '\033[1m[install]\033[0m %s\n' "$*"; }
 die() { printf '\033[31m[install] error:\033[0m %s\n' "$*" >&2; exit 1; }
 
-pin() {  # pinned version of a package, read from setup.cfg
-  "$PY" - "$1" "$ROOT/setup.cfg" <<'PYEOF'
-import configparser, re, sys
-name, cfg = sys.argv[1].lower(), configparser.ConfigParser()
-cfg.read(sys.argv[2])
-for line in cfg["options"]["install_requires"].splitlines():
-    m = re.match(r"\s*([A-Za-z0-9_.-]+)\s*==\s*([^\s;]+)", line)
-    if m and m.group(1).lower().replace("_", "-") == name:
-        print(m.group(2)); break
-else:
-    sys.exit(f"no '{name}==' pin in setup.cfg install_requires")
-PYEOF
+CONSTRAINTS=$ROOT/constraints.txt
+EXTRAS=${JERALD_EXTRAS:-test,dev,vmad,mpi-wheel}
+
+pin() {  # tested version of a package, read from constraints.txt
+  local v
+  v=$(sed -nE "s/^[[:space:]]*$1[[:space:]]*==[[:space:]]*([^[:space:];#]+).*/\1/Ip" "$CONSTRAINTS" | head -1)
+  [ -n "$v" ] || die "no '$1==' pin in $CONSTRAINTS"
+  echo "$v"
 }
 
 have_wheel() { compgen -G "$WH/$1-*.whl" >/dev/null; }
@@ -130,20 +130,23 @@ fi
 VPIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
 "${VPIP[@]}" install --upgrade "pip>=24" setuptools wheel >/dev/null
 say "installing the stack and jerald_nbk (editable, with its C++ extension)"
-# Every pinned requirement first (from the wheelhouse where we built it): the editable build of
-# the C++ extension runs without isolation and needs JAX's XLA FFI headers and pybind11 in place.
-mapfile -t REQS < <("$PY" - "$ROOT/setup.cfg" <<'PYEOF'
+# The requirements first, at the versions of constraints.txt (from the wheelhouse where we built
+# them): the editable build of the C++ extension runs without isolation and needs JAX's XLA FFI
+# headers and pybind11 in place.
+mapfile -t REQS < <("$PY" - "$ROOT/setup.cfg" "$EXTRAS" <<'PYEOF'
 import configparser, sys
 cfg = configparser.ConfigParser()
 cfg.read(sys.argv[1])
-for section, key in (("options", "install_requires"), ("options.extras_require", "test"), ("options.extras_require", "dev")):
-    for line in cfg[section][key].splitlines():
-        if line.strip():
-            print(line.strip())
+lines = cfg["options"]["install_requires"].splitlines()
+for extra in filter(None, sys.argv[2].split(",")):
+    lines += cfg["options.extras_require"][extra.strip()].splitlines()
+for line in lines:
+    if line.strip() and not line.strip().startswith("#"):
+        print(line.strip())
 PYEOF
 )
-"${VPIP[@]}" install --find-links "$WH" setuptools wheel "${REQS[@]}"
-"${VPIP[@]}" install --find-links "$WH" --no-build-isolation -e "$ROOT[test,dev]"
+"${VPIP[@]}" install -c "$CONSTRAINTS" --find-links "$WH" setuptools wheel pybind11 "${REQS[@]}"
+"${VPIP[@]}" install -c "$CONSTRAINTS" --find-links "$WH" --no-build-isolation -e "$ROOT[$EXTRAS]"
 
 # --- 4. smoke check ---------------------------------------------------------------------------
 "$VENV/bin/python" - <<'PYEOF'
