@@ -266,15 +266,23 @@ def test_resume_reaches_the_same_parameters(tmp_path, pm64, pos64):
 def test_best_by_validation_and_early_stopping(pm64, pos64):
     stage = Stage(pm64, StageConfig("dm", 1))
     target = stage.forward(pos64, raw_of(stage, alpha_0=0.02))
+    patience = 3
     cfg = TrainConfig(
-        steps=200, patience=3, eta0=0.5, eta_final=0.5, progress=False
-    )  # far too large
-    res = train(Objective(stage, pos64, target, cfg), cfg)
+        steps=200, patience=patience, eta0=0.5, eta_final=0.5, select="validation", progress=False
+    )  # far too large a step: the validation loss stops improving early
+    obj = Objective(stage, pos64, target, cfg)
+    res = train(obj, cfg)
     vals = [r["validation"] for r in res.history]
-    assert res.best_losses["validation"] == pytest.approx(
-        min(vals + [res.best_losses["validation"]])
-    )
-    assert res.stopped_early and len(res.history) < 200
+    # the kept parameters are the lowest validation loss seen (in the loop or after the last
+    # update), and they give that loss when evaluated again
+    seen = vals + [res.final_losses["validation"]]
+    assert res.best_losses["validation"] == min(seen)
+    assert res.best_step == int(np.argmin(seen))
+    assert obj.losses(res.best_raw)["validation"] == pytest.approx(min(seen), rel=1e-12)
+    # early stopping: exactly `patience` steps without a better loss after the loop's best
+    s = int(np.argmin(vals))
+    assert res.stopped_early and len(res.history) == s + 1 + patience < 200
+    assert min(vals[s + 1 :]) >= vals[s]
 
 
 def test_pipeline_chains_stages(pm64, pos64):
