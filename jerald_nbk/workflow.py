@@ -228,17 +228,141 @@ def pipeline_from_files(pm: ParticleMesh, dm=None, stellar=None, hi=None) -> Pip
     )
 
 
-def paper_settings(target: str, redshift: float, steps: int = 500, progress: bool = True):
-    """The paper's per-target settings (sec. III): (layers, TrainConfig).
+#: the redshifts at which the paper trained JERALD (sec. III)
+PAPER_REDSHIFTS = (0.0, 2.0, 5.0)
 
-    L2 loss for DM, L1 for stellar mass and HI; 2 layers everywhere except stellar mass at z = 5
-    (3); eq-11 smoothing n = 1 for stellar mass at z <= 2 and HI at z = 5, n = 0.7 for stellar
-    mass at z = 5, none otherwise.
+#: the paper's per-target, per-redshift settings (sec. III): ``{target: {z: (layers,
+#: smoothing n)}}`` with the eq-11 smoothing exponent n (0: no smoothing). The one table of them:
+#: :func:`paper_defaults` reads it for ``jerald``, ``jerald-ref`` and the demo.
+PAPER_SETTINGS = {
+    "dm": {0.0: (2, 0.0), 2.0: (2, 0.0), 5.0: (2, 0.0)},
+    "stellar": {0.0: (2, 1.0), 2.0: (2, 1.0), 5.0: (3, 0.7)},
+    "hi": {0.0: (2, 0.0), 2.0: (2, 0.0), 5.0: (2, 1.0)},
+}
+
+#: the paper's loss power per target (eq 10): L2 for DM, L1 for stellar mass and HI (the same rule
+#: as :meth:`jerald_nbk.train.TrainConfig.p_for` with ``loss_p=None``)
+PAPER_LOSS = {"dm": 2, "stellar": 1, "hi": 1}
+
+
+def paper_redshift(redshift: float) -> float:
+    """The paper's redshift (0, 2 or 5) whose settings apply at ``redshift``: the nearest one.
+
+    Redshifts below 1 map to 0, from 1 up to 3.5 to 2, above 3.5 to 5; a redshift exactly halfway
+    (1 or 3.5) takes the lower one.
+
+    Parameters
+    ----------
+    redshift : float
+
+    Returns
+    -------
+    float
+        One of :data:`PAPER_REDSHIFTS`.
     """
-    hi_z = redshift >= 5
-    n = {"dm": 0.0, "stellar": 0.7 if hi_z else 1.0, "hi": 1.0 if hi_z else 0.0}[target]
-    layers = 3 if (target == "stellar" and hi_z) else 2
-    return layers, TrainConfig(steps=steps, smoothing_n=n, progress=progress)
+    z = float(redshift)
+    if not np.isfinite(z):
+        raise ValueError(f"redshift {redshift!r} is not a finite number")
+    return min(PAPER_REDSHIFTS, key=lambda zp: (abs(zp - z), zp))
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperDefaults:
+    """The paper's settings of one target at one redshift (:func:`paper_defaults`).
+
+    Attributes
+    ----------
+    target : {"dm", "stellar", "hi"}
+    redshift : float
+        The redshift asked for.
+    paper_redshift : float
+        The paper's redshift whose settings these are (:func:`paper_redshift`).
+    n_layers : int
+        Displacement layers.
+    smoothing_n : float
+        Eq-11 smoothing exponent (0: off).
+    loss_p : int
+        1 (L1) or 2 (L2).
+    """
+
+    target: str
+    redshift: float
+    paper_redshift: float
+    n_layers: int
+    smoothing_n: float
+    loss_p: int
+
+
+def paper_defaults(target: str, redshift: float) -> PaperDefaults:
+    """The paper's layers, smoothing exponent and loss for ``target`` at ``redshift``.
+
+    Read from :data:`PAPER_SETTINGS` at the nearest of the paper's redshifts
+    (:func:`paper_redshift`): 2 layers, but 3 for stellar mass at z = 5; smoothing n = 1 for
+    stellar mass at z = 0, 2 and HI at z = 5, 0.7 for stellar mass at z = 5, else 0; L2 loss for
+    DM, L1 otherwise.
+
+    Parameters
+    ----------
+    target : {"dm", "stellar", "hi"}
+    redshift : float
+
+    Returns
+    -------
+    PaperDefaults
+    """
+    if target not in PAPER_SETTINGS:
+        raise ValueError(f"target {target!r}: expected one of {sorted(PAPER_SETTINGS)}")
+    zp = paper_redshift(redshift)
+    layers, n = PAPER_SETTINGS[target][zp]
+    return PaperDefaults(target, float(redshift), zp, layers, n, PAPER_LOSS[target])
+
+
+def redshift_of(*attrs: dict) -> float | None:
+    """The redshift recorded in file attributes (the first that records one), or None.
+
+    Looks for ``redshift`` (jerald suite, nbodykit), ``Redshift`` (Gadget/TNG headers), then the
+    scale factor ``ScalingFactor`` / ``Time`` as FastPM writes it (``z = 1/a - 1``).
+
+    Parameters
+    ----------
+    *attrs : dict
+        Attributes of a catalog, a map, ... in order of precedence.
+
+    Returns
+    -------
+    float or None
+    """
+    for a in attrs:
+        for key in ("redshift", "Redshift"):
+            if key in a:
+                return float(np.ravel(a[key])[0])
+        for key in ("ScalingFactor", "Time"):
+            if key in a and float(np.ravel(a[key])[0]) > 0:
+                return 1.0 / float(np.ravel(a[key])[0]) - 1.0
+    return None
+
+
+def paper_settings(target: str, redshift: float, steps: int = 500, progress: bool = True):
+    """The paper's per-target settings (sec. III) as (layers, TrainConfig).
+
+    See :func:`paper_defaults`. The TrainConfig's ``loss_p`` is left None, which picks the same
+    paper's loss (:data:`PAPER_LOSS`).
+
+    Parameters
+    ----------
+    target : {"dm", "stellar", "hi"}
+    redshift : float
+        Mapped to the nearest of the paper's 0, 2, 5.
+    steps : int
+    progress : bool
+
+    Returns
+    -------
+    layers : int
+    config : TrainConfig
+    """
+    d = paper_defaults(target, redshift)
+    return d.n_layers, TrainConfig(steps=steps, smoothing_n=d.smoothing_n, progress=progress)
 
 
 @dataclasses.dataclass

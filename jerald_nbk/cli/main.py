@@ -36,22 +36,43 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="engine (auto: JAX on 1 rank, pmesh under mpiexec)",
     )
     p.add_argument(
-        "--dtype", choices=["f4", "f8"], default="f4", help="float32 (default) or float64"
+        "--dtype",
+        choices=["f4", "f8"],
+        default="f4",
+        help="float32 (default) or float64 (enables JAX's x64 mode itself)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars or timings (results and the settings used still print)",
+    )
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training (defaults: the paper's)")
+    g = p.add_argument_group(
+        "training (defaults: the paper's for the target and redshift)",
+        "With a redshift (--redshift, or a 'redshift' attribute of the catalog or target map) "
+        "--layers, --loss and --smoothing-n default to the paper's values at the nearest of its "
+        "redshifts 0, 2, 5 (z < 1 -> 0, 1 <= z <= 3.5 -> 2, z > 3.5 -> 5): layers 2, but 3 "
+        "for stellar at z = 5; loss L2 for dm, L1 otherwise; smoothing n 1 for stellar at "
+        "z = 0, 2, 0.7 for stellar at z = 5, 1 for hi at z = 5, else 0. Without a redshift: "
+        "layers 2, the same loss, n 0. The settings used are printed.",
+    )
     g.add_argument("--steps", type=int, default=500, help="Adam steps (default 500)")
     g.add_argument("--eta0", type=float, default=0.002, help="initial learning rate (eq 16)")
     g.add_argument("--eta-final", type=float, default=0.02, help="final learning rate (eq 16)")
     g.add_argument("--tau", type=float, default=100.0, help="schedule time scale in steps (eq 16)")
     g.add_argument(
-        "--loss", choices=["L1", "L2", "auto"], default="auto", help="auto: L2 for dm, L1 otherwise"
+        "--loss",
+        choices=["L1", "L2", "auto"],
+        default="auto",
+        help="auto (default): the paper's, L2 for dm, L1 otherwise",
     )
     g.add_argument(
-        "--smoothing-n", type=float, default=0.0, help="eq-11 smoothing exponent n (0: off)"
+        "--smoothing-n",
+        type=float,
+        default=None,
+        help="eq-11 smoothing exponent n (0: off; default: the paper's at the redshift, else 0)",
     )
     g.add_argument(
         "--split", choices=["paper", "ldl"], default="paper", help="train/validation/test regions"
@@ -133,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dataset",
-        default="1",
-        help="catalog dataset holding Position ('1' for FastPM; '' for top level)",
+        default="auto",
+        help="catalog dataset holding Position: auto (default: '1' as FastPM writes it, else the "
+        "top level as nbodykit's catalog.save writes it), '1', or '' (top level)",
     )
     p.add_argument("--target-map", required=True, help="target mesh (bigfile 'Field' or .npy)")
     p.add_argument(
@@ -145,12 +167,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dm-params", help="trained DM parameter file (stellar, hi)")
     p.add_argument("--stellar-params", help="trained stellar parameter file (hi)")
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="displacement layers (default: the paper's at the redshift, else 2)",
+    )
     p.add_argument("--gradient-order", default="6", choices=["4", "6", "exact"])
     p.add_argument(
         "--hi-shift", action="store_true", help="HI: fit the shift zs inside eq 13's power"
     )
-    p.add_argument("--redshift", type=float, default=None, help="recorded in the parameter file")
+    p.add_argument(
+        "--redshift",
+        type=float,
+        default=None,
+        help="redshift of the inputs (default: the catalog's or target map's 'redshift' "
+        "attribute): picks the paper's defaults and is recorded in the parameter file",
+    )
     p.add_argument(
         "--out", required=True, help="output directory (params.json, metrics.jsonl, checkpoint.npz)"
     )
@@ -162,8 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Paint the DM (1+delta of the improved particles), stellar-mass and HI maps of a catalog and write them as bigfile meshes (and the improved particles as a catalog).",
     )
     _add_common(p)
-    p.add_argument("--particles", required=True)
-    p.add_argument("--dataset", default="1")
+    p.add_argument("--particles", required=True, help="FastPM/nbodykit bigfile catalog")
+    p.add_argument(
+        "--dataset",
+        default="auto",
+        help="catalog dataset holding Position: auto (default), '1' (FastPM) or '' (top level)",
+    )
     p.add_argument(
         "--dm-params", help="DM parameter file (without it, the input particles are used)"
     )
@@ -290,7 +327,7 @@ def _train_config(args):
         eta_final=args.eta_final,
         tau=args.tau,
         loss_p=None if args.loss == "auto" else int(args.loss[1]),
-        smoothing_n=args.smoothing_n,
+        smoothing_n=args.smoothing_n or 0.0,
         split=args.split,
         checkpoint_every=args.checkpoint_every,
         patience=args.patience,
@@ -367,19 +404,70 @@ def _train_inputs(args) -> dict:
     return doc | {"dataset": args.dataset, "target scale": args.target_scale}
 
 
+def _apply_paper_defaults(args, *attrs) -> str:
+    """Fill in ``args.layers``, ``args.smoothing_n`` and ``args.redshift`` as ``jerald train`` runs.
+
+    Options the user gave are kept; the others take the paper's values for the target at the
+    redshift (``--redshift``, else the first of ``attrs`` that records one; see
+    :func:`jerald_nbk.workflow.paper_defaults`), or layers 2 and n 0 without a redshift.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed ``jerald train`` options (changed in place).
+    *attrs : dict
+        Attributes of the catalog and the target map, in that order.
+
+    Returns
+    -------
+    str
+        One line saying which settings run and where each comes from.
+    """
+    from .. import workflow as wf
+
+    z = args.redshift if args.redshift is not None else wf.redshift_of(*attrs)
+    args.redshift = z
+    loss_p = wf.PAPER_LOSS[args.target] if args.loss == "auto" else int(args.loss[1])
+    if z is None:
+        paper, where = {"layers": 2, "smoothing_n": 0.0}, "no redshift: default"
+        head = f"{args.target}, redshift unknown (give --redshift for the paper's settings)"
+    else:
+        d = wf.paper_defaults(args.target, z)
+        paper, where = {"layers": d.n_layers, "smoothing_n": d.smoothing_n}, "paper"
+        head = f"{args.target} at z = {z:g} (the paper's z = {d.paper_redshift:g})"
+    notes = []
+    for dest, flag in (("layers", "--layers"), ("smoothing_n", "--smoothing-n")):
+        if getattr(args, dest) is None:
+            setattr(args, dest, paper[dest])
+            notes.append(where)
+        else:
+            notes.append(flag)
+    loss_from = "paper" if args.loss == "auto" else "--loss"
+    return (
+        f"[jerald] {head}: layers {args.layers} ({notes[0]}), loss L{loss_p} ({loss_from}), "
+        f"smoothing n {args.smoothing_n:g} ({notes[1]})"
+    )
+
+
 def _train(args) -> int:
     from .. import workflow as wf
     from ..io import read_mesh
     from ..train.loop import run_options
     from ..train.validate import check_particles, check_target
     from ..utils import run_lock
+    from .common import detect_dataset
 
     _, mattrs = read_mesh(args.target_map)
     nmesh = tuple(int(n) for n in mattrs["Nmesh"])
     box = wf.box_of(mattrs, args.target_map)
     pm = wf.engine(nmesh, box, args.dtype, args.backend)
-    pos, cattrs = wf.read_particles(args.particles, pm, args.dataset or None)
+    pos, cattrs = wf.read_particles(
+        args.particles, pm, detect_dataset(args.particles, args.dataset)
+    )
     target_map, _ = wf.read_map(args.target_map, pm, args.target_scale)
+    settings = _apply_paper_defaults(args, cattrs, mattrs)
+    if pm.comm is None or pm.comm.rank == 0:
+        print(settings, flush=True)
     check_particles(pos, pm, f"catalog {args.particles}: Position")
     check_target(target_map, pm, args.target, f"map {args.target_map}")
     star = None
@@ -404,7 +492,7 @@ def _train(args) -> int:
         "particles": str(args.particles),
         "target_map": str(args.target_map),
         "target_scale": args.target_scale,
-        "redshift": args.redshift if args.redshift is not None else cattrs.get("redshift"),
+        "redshift": args.redshift,
         "dm_params": args.dm_params,
         "stellar_params": args.stellar_params,
         "command": " ".join(sys.argv),
@@ -463,14 +551,14 @@ def cmd_paint(args) -> int:
     if nmesh is None:
         raise SystemExit(f"jerald paint: {files[0]} records no Nmesh; pass --Nmesh")
     from ..io import read_catalog
-    from .common import positions_from_columns
+    from .common import detect_dataset, positions_from_columns
 
     # read this rank's particles once: the header gives the default BoxSize
     comm = wf.default_comm()
     cols, cattrs = read_catalog(
         args.particles,
         columns=("Position",),
-        dataset=args.dataset or None,
+        dataset=detect_dataset(args.particles, args.dataset),
         comm=comm if comm.size > 1 else None,
     )
     box = args.box_size or (cattrs.get("BoxSize") if "BoxSize" in cattrs else prov.get("BoxSize"))
@@ -715,6 +803,11 @@ def main(argv=None) -> int:
     if not args.command:
         build_parser().print_help()
         return 2
+    if getattr(args, "dtype", None) == "f8":
+        # float64 meshes need JAX's x64 mode, switched on before any JAX array is created
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
     t0 = time.perf_counter()
     try:
         rc = COMMANDS[args.command](args)

@@ -74,13 +74,24 @@ def _by_z(table: dict, z):
 
 
 def paper_smoothing(target: str, z) -> float:
-    """The paper's smoothing exponent n: stellar 1 (0.7 at z = 5), HI 1 at z = 5 (else 0), DM 0."""
-    at5 = z is not None and abs(z - 5.0) < 1e-6
-    if target == "Mstar":
-        return 0.7 if at5 else 1.0
-    if target == "HI":
-        return 1.0 if at5 else 0.0
-    return 0.0
+    """The paper's smoothing exponent n of a reference target at redshift ``z``.
+
+    Read from the one table of the paper's settings (:func:`jerald_nbk.workflow.paper_defaults`,
+    the nearest of the paper's redshifts 0, 2, 5): Mstar 1, 0.7 at z = 5; HI 1 at z = 5, else 0;
+    DM 0. Without a redshift (``z`` None): the z = 0 and 2 values (Mstar 1, HI and DM 0).
+
+    Parameters
+    ----------
+    target : {"dm", "Mstar", "HI"}
+    z : float or None
+
+    Returns
+    -------
+    float
+    """
+    from ..workflow import paper_defaults
+
+    return paper_defaults(STAGE[target], 0.0 if z is None else z).smoothing_n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--n",
         type=float,
         default=None,
-        help="smoothing exponent (default: the paper's; Mstar 1, 0.7 at z=5; HI 1 at z=5; else 0)",
+        help="smoothing exponent (default: the paper's at the nearest of its redshifts 0, 2, 5; "
+        "Mstar 1, 0.7 at z=5; HI 1 at z=5; else 0)",
     )
     ap.add_argument("--outpath", required=True, help="output directory")
     ap.add_argument(
