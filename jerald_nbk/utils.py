@@ -108,6 +108,7 @@ def atomic_write(path, mode: str = "w"):
     try:
         os.fchmod(fd, default_mode())
         with os.fdopen(fd, mode) as fh:
+            fault_point("write")
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -266,12 +267,14 @@ def atomic_dir(path, comm=None, overwrite: bool = False):
     if comm is None or comm.size == 1:
         tmp = _make_tmp_dir(path, overwrite)
         try:
+            fault_point("write")
             yield tmp
             _finish_dir(tmp, path, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return
+    import numpy as np
     from mpi4py import MPI
 
     tmp, error = None, None
@@ -285,11 +288,27 @@ def atomic_dir(path, comm=None, overwrite: bool = False):
         raise error
     tmp = Path(tmp)
     ok = False
+    agree = comm.Dup()  # the end's agreement, apart from the writers' own collectives
+    _PENDING.add(str(tmp))
     try:
+        fault_point("write")
         yield tmp
         ok = True
     finally:
-        ok = comm.allreduce(ok, op=MPI.LAND)
+        flags = np.array([ok], dtype=np.int32), np.zeros(1, dtype=np.int32)
+        request = agree.Iallreduce(flags[0], flags[1], op=MPI.LAND)
+        if ok:
+            request.Wait()
+        elif not _wait(request, _grace()):
+            # this rank failed alone while the others still write (in collectives this rank
+            # will never join): remove the temporary and end every rank
+            import traceback
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            abort(comm, traceback.format_exc(), 1)
+        agree.Free()
+        _PENDING.discard(str(tmp))
+        mine, ok = ok, bool(flags[1][0])
         error = None
         if comm.rank == 0:
             if ok:
@@ -302,6 +321,8 @@ def atomic_dir(path, comm=None, overwrite: bool = False):
         error = comm.bcast(error, root=0)
         if error is not None and ok:
             raise error
+        if mine and not ok:
+            raise RuntimeError(f"{path}: another rank failed while writing it; it was not written")
 
 
 # ------------------------------------------------------------------------------ fingerprints
@@ -419,8 +440,8 @@ def _read_lock(lock: Path) -> dict | None:
     """The lock's record; None if it vanished; ``{}`` if it cannot be parsed (torn or foreign)."""
     try:
         text = lock.read_text()
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # gone (with its directory, or that replaced by a file)
     try:
         doc = json.loads(text)
         return doc if isinstance(doc, dict) else {}
@@ -554,8 +575,314 @@ def run_lock(directory, comm=None, what: str = "run directory"):
         error = comm.bcast(error, root=0)
     if error is not None:
         raise error
+    lock = str(directory / LOCK_NAME)
+    _PENDING_LOCKS.add(lock)  # a rank that aborts the run removes it (its holder is ended)
     try:
         yield directory / LOCK_NAME
+    except BaseException:
+        raise  # still listed: this rank may go on to abort the run
+    else:
+        _PENDING_LOCKS.discard(lock)
     finally:
         if key is not None:
             _release(key)
+
+
+# ------------------------------------------------------------------------------ MPI failures
+#
+# Under ``mpiexec`` an exception on one rank must end every rank (issue 13, item 4). Three pieces:
+#
+# * :func:`root_only` runs a rank-0-only step (a write, a check) and shares its success or its
+#   error with every rank, so that no rank waits in a later collective for a rank 0 that failed;
+# * :func:`error_exit` is what a command's error handler returns through: it prints the message
+#   and returns the exit code when every rank failed alike, and otherwise prints the failing
+#   rank's message prefixed with its rank and aborts the communicator;
+# * :func:`install_mpi_excepthook` (every command's entry point) does the same for an exception
+#   that escapes the command (a traceback, prefixed with the rank).
+#
+# With one process (no communicator, or one rank) all three are what the code did before.
+
+#: environment variable of the test-only fault hook (:func:`fault_point`): ``WHERE:RANK[,...]``
+FAULT_ENV = "JERALD_TEST_FAULT"
+#: seconds a failing rank waits for the other ranks to fail alike before aborting them all
+GRACE_ENV = "JERALD_MPI_GRACE"
+
+_GUARD = None  # a duplicate of COMM_WORLD: failing ranks agree on it (install_mpi_excepthook)
+_PENDING: set[str] = set()  # temporaries a rank that aborts removes first (atomic_dir)
+_PENDING_LOCKS: set[str] = set()  # run locks of this run, removed likewise (run_lock)
+
+
+class InjectedFault(RuntimeError):
+    """The test-only failure :func:`fault_point` raises."""
+
+
+def _world():
+    """COMM_WORLD if mpi4py is imported and runs more than one rank, else None."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None:
+        return None
+    world = mpi.COMM_WORLD
+    return world if world.size > 1 else None
+
+
+def fault_point(where: str) -> None:
+    """Raise :class:`InjectedFault` here if the test hook asks for it (tests only).
+
+    ``JERALD_TEST_FAULT=WHERE:RANK`` (comma-separated for several) fails the first time rank
+    ``RANK`` of ``COMM_WORLD`` passes ``fault_point(WHERE)``. Places: ``read`` (catalogs),
+    ``step`` (each training step), ``write`` (atomic file and directory writes), ``paint`` (the
+    MPI engine's paint). Without the variable this is one dictionary lookup.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    from mpi4py import MPI
+
+    rank = MPI.COMM_WORLD.rank
+    for item in spec.split(","):
+        name, _, r = item.strip().partition(":")
+        if name == where and r.strip() == str(rank):
+            os.environ[FAULT_ENV] = ",".join(
+                x for x in spec.split(",") if x.strip() != item.strip()
+            )
+            raise InjectedFault(f"injected fault at {where!r} on rank {rank} ({FAULT_ENV})")
+
+
+def _grace() -> float:
+    try:
+        return float(os.environ.get(GRACE_ENV, "5"))
+    except ValueError:
+        return 5.0
+
+
+def _wait(request, seconds: float) -> bool:
+    """Poll a nonblocking MPI request for up to ``seconds``; True if it completed."""
+    end = time.monotonic() + seconds
+    while not request.Test():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _prefixed(rank: int, text: str) -> str:
+    return "".join(f"[rank {rank}] {line}\n" for line in text.rstrip("\n").splitlines())
+
+
+def abort(comm, message: str, code: int = 1) -> None:
+    """Print ``message`` prefixed with this rank, remove pending temporaries, abort ``comm``."""
+    rank = comm.rank
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    sys.stderr.write(_prefixed(rank, message))
+    sys.stderr.flush()
+    for tmp in list(_PENDING):
+        _remove(Path(tmp))
+    for lock in list(_PENDING_LOCKS):  # this run's: its holder (rank 0) is about to be ended
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+    comm.Abort(code or 1)
+
+
+def gather_errors(comm, error, cleanup=None) -> list:
+    """Every rank's error (None where its step succeeded) after a collective step, never hanging.
+
+    For steps in which the ranks call collectives (a parallel write) and catch their own errors:
+    an ``allgather`` of those errors hangs when one rank fails alone, because the others still wait
+    in a collective of the step that rank left. Here a rank whose step failed waits up to the
+    grace time (``JERALD_MPI_GRACE``, 5 s) for the others; if they do not come, it removes
+    ``cleanup`` (a temporary output), prints its error prefixed with its rank and aborts ``comm``.
+
+    Parameters
+    ----------
+    comm : MPI communicator
+        One reserved for this agreement (``Dup()`` it before the step: the step's own collectives
+        must not match the nonblocking barrier used here).
+    error : BaseException or None
+        This rank's error.
+    cleanup : path-like, optional
+        Removed before aborting.
+    """
+    request = comm.Ibarrier()
+    if error is None:
+        request.Wait()
+    elif not _wait(request, _grace()):
+        import traceback
+
+        if cleanup is not None:
+            _remove(Path(cleanup))
+        abort(comm, "".join(traceback.format_exception(error)), 1)
+    return comm.allgather(error)
+
+
+def _agree(message: str) -> list | None:
+    """Every rank's message if all ranks fail within the grace time, else None (this rank only)."""
+    guard = _GUARD
+    if guard is None:
+        return None
+    if not _wait(guard.Ibarrier(), _grace()):
+        return None
+    return guard.allgather(message)
+
+
+def error_exit(message: str, code: int = 1) -> int:
+    """Report a command's error and return its exit code; under MPI make sure every rank ends.
+
+    One process: print ``message`` to stderr and return ``code`` (as the commands always did).
+    Several ranks: if every rank reaches its error handler within the grace time
+    (``JERALD_MPI_GRACE``, 5 s; the error was shared, e.g. by :func:`root_only`), rank 0 prints the
+    message (each distinct one, prefixed with its rank) and every rank returns ``code``;
+    otherwise the failing rank prints its message prefixed with its rank and aborts
+    ``COMM_WORLD``, which ends every rank with a non-zero exit.
+    """
+    world = _world()
+    if world is None:
+        print(message, file=sys.stderr)
+        return code
+    messages = _agree(message)
+    if messages is None:
+        abort(world, message, code)
+    if world.rank == 0:
+        distinct = dict.fromkeys(messages)
+        if len(distinct) == 1:
+            print(message, file=sys.stderr)
+        else:
+            for r, m in enumerate(messages):
+                if messages.index(m) == r:
+                    sys.stderr.write(_prefixed(r, m))
+        sys.stderr.flush()
+    return code
+
+
+def _excepthook(kind, value, tb):
+    import traceback
+
+    text = "".join(traceback.format_exception(kind, value, tb))
+    world = _world()
+    if world is None or issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+        return
+    summary = "".join(traceback.format_exception_only(kind, value))
+    messages = _agree(summary)
+    if messages is None:
+        abort(world, text, 1)
+    if world.rank == 0:  # the traceback of rank 0, and the other ranks' distinct errors
+        sys.stderr.write(_prefixed(0, text))
+        for r, m in enumerate(messages):
+            if messages.index(m) == r and r > 0:
+                sys.stderr.write(_prefixed(r, m))
+        sys.stderr.flush()
+
+
+def install_mpi_excepthook() -> None:
+    """Under ``mpiexec`` with more than one rank, end every rank when any rank fails.
+
+    Called by every command's entry point on every rank (it duplicates ``COMM_WORLD``, a
+    collective call). An exception escaping the command prints its traceback prefixed with the
+    failing rank and aborts ``COMM_WORLD`` (unless every rank failed alike within the grace time,
+    then rank 0 prints it once and every rank exits with code 1). Does nothing with one process.
+    """
+    global _GUARD
+    if (
+        os.environ.get("PMI_SIZE", "1") == "1"
+        and os.environ.get("OMPI_COMM_WORLD_SIZE", "1") == "1"
+    ):
+        if "mpi4py.MPI" not in sys.modules:
+            return  # not under mpiexec: leave mpi4py unimported (fast --help)
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.size == 1 or _GUARD is not None:
+        return
+    _GUARD = MPI.COMM_WORLD.Dup()
+    sys.excepthook = _excepthook
+
+
+def mark_shared(err: BaseException) -> BaseException:
+    """Flag ``err`` as raised on every rank (:func:`root_only`); returns it."""
+    with contextlib.suppress(AttributeError, TypeError):
+        err.jerald_shared = True
+    return err
+
+
+def _portable(err: BaseException):
+    """``err`` pickled, or (type name, message) when it does not pickle."""
+    import pickle
+
+    try:
+        blob = pickle.dumps(err)
+        pickle.loads(blob)
+        return ("pickle", blob)
+    except Exception:  # noqa: BLE001 - any exception that does not travel goes as text
+        return ("text", (type(err).__name__, str(err)))
+
+
+def _rebuilt(shared) -> BaseException:
+    import pickle
+
+    kind, payload = shared
+    if kind == "pickle":
+        return pickle.loads(payload)
+    name, msg = payload
+    return RuntimeError(f"{name}: {msg}")
+
+
+class _RootStep:
+    """What :func:`root_only` yields: ``bool(step)`` is True on the rank that runs the block."""
+
+    def __init__(self, root: bool):
+        self.root = root
+        self.value = None
+
+    def __bool__(self) -> bool:
+        return self.root
+
+
+@contextlib.contextmanager
+def root_only(comm, what: str = "a step of rank 0", share: bool = False):
+    """A step only rank 0 runs (a write, a check), whose outcome every rank learns.
+
+    Use as::
+
+        with root_only(comm, "writing the map") as root:
+            if root:
+                write_mesh(...)
+
+    Rank 0 runs the block; at its end rank 0 broadcasts success or its exception, and every
+    other rank raises the same exception (same type and message; a type that does not pickle
+    becomes a RuntimeError naming it). The broadcast also replaces a ``Barrier`` after the step:
+    no rank passes it before rank 0 has finished. With ``share=True`` the value rank 0 stores in
+    ``root.value`` reaches every rank's ``root.value``. Without MPI (``comm`` None or one rank)
+    the block simply runs and its exceptions propagate unchanged.
+
+    Parameters
+    ----------
+    comm : MPI communicator or None
+    what : str
+        What the step does (documentation of the call site; not added to messages).
+    share : bool
+        Broadcast ``root.value`` from rank 0.
+    """
+    if comm is None or comm.size == 1:
+        yield _RootStep(True)
+        return
+    step = _RootStep(comm.rank == 0)
+    shared = None
+    if step.root:
+        try:
+            yield step
+        except Exception as err:
+            shared = _portable(mark_shared(err))
+            comm.bcast((shared, None), root=0)
+            raise
+        value = step.value if share else None
+        try:
+            comm.bcast((None, value), root=0)
+        except Exception as err:  # the value does not pickle: every rank learns it
+            comm.bcast((_portable(err), None), root=0)
+            raise
+        return
+    yield step
+    shared, value = comm.bcast(None, root=0)
+    if shared is not None:
+        raise mark_shared(_rebuilt(shared))
+    step.value = value

@@ -214,16 +214,15 @@ def write_map(pm, local, path, attrs: dict, fmt: str = "bigfile") -> Path:
     """Write a local mesh as a whole-mesh file (rank 0, atomically): bigfile dir or ``.npy``."""
     from .. import workflow as wf
     from ..io import write_mesh
-    from ..utils import is_root
+    from ..utils import root_only
 
     path = Path(path)
     if fmt == "npy":
         path = path.with_name(path.name + ".npy")
     full = wf.to_global(pm, local)
-    if is_root(pm.comm):
-        write_mesh(path, np.asarray(full), pm.BoxSize, attrs)
-    if pm.comm is not None:
-        pm.comm.Barrier()
+    with root_only(pm.comm, f"writing {path}") as root:
+        if root:
+            write_mesh(path, np.asarray(full), pm.BoxSize, attrs)
     return path
 
 
@@ -242,18 +241,19 @@ def fmt_losses(losses: dict) -> str:
 
 def run_command(prog: str, fn, args) -> int:
     """Run ``fn(args)``; input errors become one message naming the problem and exit code 1."""
+    from ..utils import error_exit, install_mpi_excepthook
+
+    install_mpi_excepthook()  # under mpiexec: an error on any rank ends every rank
     t0 = time.perf_counter()
     try:
         rc = fn(args)
     except UsageError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
+        return error_exit(f"{prog}: error: {err}", 2)
     except (ValueError, FileNotFoundError, FloatingPointError, KeyError, OSError) as err:
         msg = str(err)
         if isinstance(err, KeyError):
             msg = f"missing entry {msg}"
-        print(f"{prog}: error: {msg}", file=sys.stderr)
-        return 1
+        return error_exit(f"{prog}: error: {msg}", 1)
     if not getattr(args, "quiet", False):
         from mpi4py import MPI
 

@@ -541,7 +541,7 @@ def cmd_ldl(args) -> int:
     from ..model.composed import ComposedModel, safe_power
     from ..model.params import ldl_table
     from ..model.pipeline import Stage, StageConfig
-    from ..utils import atomic_write, is_root
+    from ..utils import atomic_write, root_only
 
     t = args.target
     _check_options(args)
@@ -653,12 +653,13 @@ def cmd_ldl(args) -> int:
             pm,
             f"[{PROG}] best validation loss at step {res.best_step}: {fmt_losses(res.best_losses)}",
         )
-        if is_root(pm.comm):
-            save_plaintext(ppath, model.config, raw, flavour="ldl")
-            if args.optimizer == "lbfgsb":
-                workdir.mkdir(parents=True, exist_ok=True)
-                with atomic_write(workdir / "metrics.jsonl") as fh:
-                    fh.write("".join(json.dumps(rec) + "\n" for rec in res.history))
+        with root_only(pm.comm, f"writing {ppath}") as root:
+            if root:
+                save_plaintext(ppath, model.config, raw, flavour="ldl")
+                if args.optimizer == "lbfgsb":
+                    workdir.mkdir(parents=True, exist_ok=True)
+                    with atomic_write(workdir / "metrics.jsonl") as fh:
+                        fh.write("".join(json.dumps(rec) + "\n" for rec in res.history))
         say(pm, f"[{PROG}] parameters: {ppath}")
 
     # the maps LDL.py writes
@@ -694,13 +695,14 @@ def _fit_lbfgsb(pm, model, pos, target, cfg, raw0, args, ppath):
     from ..io.paramfiles import save_plaintext
     from ..train.lbfgs import fit_lbfgsb
     from ..train.loop import Objective
-    from ..utils import is_root
+    from ..utils import root_only
 
     obj = Objective(model, pos, target, cfg)
 
     def on_best(raw, step, losses):
-        if is_root(pm.comm):
-            save_plaintext(ppath, model.config, raw, flavour="ldl")
+        with root_only(pm.comm, f"writing {ppath}") as root:
+            if root:
+                save_plaintext(ppath, model.config, raw, flavour="ldl")
 
     say(
         pm,

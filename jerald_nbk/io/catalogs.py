@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils import atomic_dir
+from ..utils import atomic_dir, fault_point, gather_errors
 from . import _bigfile
 
 __all__ = ["read_catalog", "write_catalog", "rank_range"]
@@ -94,6 +94,7 @@ def read_catalog(
         Missing dataset or column, columns of different lengths, a vector column that is not
         (N, 3), or truncated data.
     """
+    fault_point("read")
     path = Path(path)
     if isinstance(columns, str):
         columns = (columns,)
@@ -284,9 +285,11 @@ def _write_mpi(path: Path, columns, attrs: dict, prefix: str, comm, overwrite: b
         )
     counts = comm.allgather(len(next(iter(cols.values()))))
     total, offset = sum(counts), sum(counts[: comm.rank])
+    agree = comm.Dup()  # the writers' errors are gathered apart from bigfile's collectives
 
     def body(tmp):
         try:
+            fault_point("write")
             with bigfile.FileMPI(comm, str(tmp), create=True) as ff:
                 with ff.create("Header") as hb:
                     if comm.rank == 0:
@@ -306,7 +309,7 @@ def _write_mpi(path: Path, columns, attrs: dict, prefix: str, comm, overwrite: b
             with atomic_dir(path, overwrite=overwrite) as tmp:
                 comm.bcast(str(tmp), root=0)
                 sent = True
-                errors = comm.allgather(body(tmp))
+                errors = gather_errors(agree, body(tmp), cleanup=tmp)
                 first = next((e for e in errors if e is not None), None)
                 if first is not None:
                     raise first
@@ -326,7 +329,7 @@ def _write_mpi(path: Path, columns, attrs: dict, prefix: str, comm, overwrite: b
             if isinstance(tmp, BaseException):
                 raise tmp
             raise OSError(f"catalog {path}: rank 0 could not create the temporary output directory")
-        errors = comm.allgather(body(tmp))
+        errors = gather_errors(agree, body(tmp), cleanup=tmp)
         first = next((e for e in errors if e is not None), None)
         comm.barrier()
         if first is not None:

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..utils import fault_point
 from . import fourier
 from .base import ParticleMesh
 
@@ -517,6 +518,7 @@ class PmeshPM(ParticleMesh):
         -------
         JAX array of shape :attr:`local_real_shape` (plus (C,) for (N, C) masses).
         """
+        fault_point("paint")
         pos = self._as_pos(pos)
         w = self._weights(pos, mass)
         mesh = _paint(self, pos, w)
