@@ -116,10 +116,8 @@ def test_compensation_divides_by_cic_window():
     # cos(2 pi sum_i m_i x_i / L_i) has P boosted by 1 / W^2, W = prod_i sinc^2(k_i H_i / 2) the CIC
     # window, written here with numpy's sinc (sin(pi t) / (pi t), t = k_i H_i / 2 pi = m_i / N_i)
     n, box, m = (16, 12, 20), (30.0, 24.0, 50.0), (5, 2, 3)
-    x = [np.arange(n[a]) * box[a] / n[a] for a in range(3)]
-    phase = 2 * np.pi * sum(
-        (m[a] * x[a] / box[a]).reshape([-1 if b == a else 1 for b in range(3)]) for a in range(3)
-    )
+    x = np.meshgrid(*[np.arange(n[a]) * box[a] / n[a] for a in range(3)], indexing="ij")
+    phase = 2 * np.pi * sum(m[a] * x[a] / box[a] for a in range(3))
     wave = np.cos(phase)
     p0 = power_spectrum(wave, box, kmax=2.0)  # |k| = 1.23 h/Mpc: above the default kmax
     p1 = power_spectrum(wave, box, compensate=True, kmax=2.0)
