@@ -388,6 +388,9 @@ def test_rank_range_covers_rows():
             ranges = [rank_range(n, r, size) for r in range(size)]
             assert ranges[0][0] == 0 and ranges[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+            # balanced like nbodykit's split: shares differ by one row at most
+            sizes = [b - a for a, b in ranges]
+            assert max(sizes) - min(sizes) <= 1 and min(sizes) == n // size
 
 
 # ----------------------------------------------------------------------------------- MPI
