@@ -31,10 +31,11 @@ ENV = {
 }
 
 
-def run(*args, ok: bool = True) -> subprocess.CompletedProcess:
-    """Run ``jerald ARGS``; with ``ok`` assert exit code 0 (showing its output otherwise)."""
-    exe = BIN / "jerald"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "jerald_nbk.cli.main"]
+def run(*args, ok: bool = True, prog: str = "jerald") -> subprocess.CompletedProcess:
+    """Run ``prog ARGS``; with ``ok`` assert exit code 0 (showing its output otherwise)."""
+    exe = BIN / prog
+    module = {"jerald": "main", "jerald-ref": "ref"}[prog]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", f"jerald_nbk.cli.{module}"]
     cmd += [str(a) for a in args]
     res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     if ok:
@@ -126,6 +127,20 @@ def test_dtype_f8_train_and_paint(inputs, tmp_path):
     assert "jax_enable_x64" not in res.stderr
     arr, _ = read_mesh(maps / "dm")
     assert arr.dtype == np.float64 and np.isclose(arr.mean(), 1.0, rtol=1e-10)
+
+
+def test_dtype_f8_jerald_ref(inputs, tmp_path):
+    """``jerald-ref --dtype f8`` also switches on x64 by itself."""
+    out = tmp_path / "ref"
+    run(
+        "--target", "dm", "--Nbodypath", inputs / "nbk_cat", "--refpath", inputs / "dm",
+        "--outpath", out, "--Nstep", "1", "--steps", "1", "--dtype", "f8", "--quiet",
+        prog="jerald-ref",
+    )  # fmt: skip
+    (train_dir,) = out.glob("*_train")
+    assert _provenance(train_dir)["engine"]["dtype"] == "float64"
+    (ref_map,) = out.glob("*_map")
+    assert read_mesh(ref_map)[0].dtype == np.float64
 
 
 # -------------------------------------------------------------------- the paper's defaults, shown

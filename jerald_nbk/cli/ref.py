@@ -342,6 +342,10 @@ def cmd_ref(args) -> int:
         raise UsageError("--target HI needs --Mstarpath (stellar-mass map or parameter file)")
     if args.evalpath and args.optpath:
         raise UsageError("--evalpath and --optpath exclude each other")
+    if args.dtype == "f8":  # float64 meshes need JAX's x64 mode, before any JAX array exists
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
 
     # mesh and box: options, else the reference map (Nmesh) and the catalog (BoxSize)
     from .common import detect_dataset
