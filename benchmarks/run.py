@@ -257,6 +257,82 @@ def training_records(n: int, reps: int, backends: list[str], box: float = 100.0)
     return out
 
 
+def paint_many_records(
+    sizes=(64, 128), catalogs: int = 4, box: float = 100.0, layers: int = 2
+) -> list[dict]:
+    """Maps per minute of :meth:`Pipeline.maps_many` (DM + stellar + HI, one compilation).
+
+    A pipeline of ``layers``-layer DM, stellar and HI stages (initial parameters; the cost does
+    not depend on their values) paints ``1 + catalogs`` Zel'dovich catalogs (different seeds,
+    generated beforehand) at each size; every map is brought back to numpy (as a writer would).
+    The first catalog pays for the compilation: ``compile_seconds`` is its time minus the median
+    of the others, ``maps_per_minute`` counts one set of three maps per catalog after it, and
+    ``compile_share_over_100`` is the share of the wall time spent compiling over 100 catalogs.
+    The eager :meth:`Pipeline.maps` (op by op, no compilation) is timed on one catalog for
+    comparison (``vs_eager``: its time over the compiled one's).
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Particles per side (N^3 particles on an N^3 mesh).
+    catalogs : int
+        Catalogs timed after the first.
+    box : float
+        Box size, Mpc/h.
+    layers : int
+        Displacement layers of each stage (the paper's models: 2).
+    """
+    import jax.numpy as jnp
+
+    from jerald_nbk.model.pipeline import Pipeline, Stage, StageConfig
+    from jerald_nbk.pm import JaxPM
+    from jerald_nbk.pm.jax_backend import num_threads
+    from jerald_nbk.testing import zeldovich_particles
+
+    out = []
+    for n in sizes:
+        pm = JaxPM(n, box)
+        stages = {t: Stage(pm, StageConfig(t, layers)) for t in ("dm", "stellar", "hi")}
+        pipe = Pipeline(**{t: (s, jnp.asarray(s.table.init_raw())) for t, s in stages.items()})
+        cats = [
+            zeldovich_particles(n, box, seed=s, rms_disp=1.0).astype(np.float32)
+            for s in range(1 + catalogs)
+        ]
+        times = []
+        t0 = time.perf_counter()
+        for maps in pipe.maps_many(cats):
+            _ = {k: np.asarray(v) for k, v in maps.items()}
+            t1 = time.perf_counter()
+            times.append(t1 - t0)
+            t0 = t1
+        steady = float(np.median(times[1:]))
+        t0 = time.perf_counter()
+        _ = {k: np.asarray(v) for k, v in pipe.maps(cats[-1]).items()}
+        t_eager = time.perf_counter() - t0
+        compile_s = times[0] - steady
+        out.append(
+            {
+                "name": "paint_many",
+                "backend": "jax",
+                "N": n,
+                "ranks": 1,
+                "threads": num_threads(),
+                "layers": layers,
+                "maps": "dm+stellar+hi",
+                "catalogs": catalogs,
+                "seconds_median": steady,
+                "maps_per_minute": 60.0 / steady,
+                "first_catalog_seconds": times[0],
+                "compile_seconds": compile_s,
+                "eager_seconds": t_eager,
+                "vs_eager": t_eager / steady,
+                # share of the wall time spent compiling when painting 100 catalogs
+                "compile_share_over_100": compile_s / (compile_s + 100 * steady),
+            }
+        )
+    return out
+
+
 def peak_memory(stage: str, n: int, backend: str) -> dict | None:
     """Peak memory of one training step per particle (see benchmarks/memory.py), fresh process."""
     cmd = [sys.executable, "-m", "benchmarks.memory", stage, str(n), backend]
@@ -313,6 +389,8 @@ def main(argv=None) -> int:
     for n in train_sizes:
         print(f"[bench] training steps at {n}^3 ({', '.join(backends)})", flush=True)
         records += training_records(n, args.reps, backends)
+    print(f"[bench] painting many catalogs at {', '.join(map(str, train_sizes))}^3", flush=True)
+    records += paint_many_records(train_sizes)
     print("[bench] smoke reference suite build", flush=True)
     records.append(suite_build_record("smoke"))
     doc = {"machine": machine_info(), "records": records}

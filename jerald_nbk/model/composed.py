@@ -23,6 +23,8 @@ break it):
 
 from __future__ import annotations
 
+import copy
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -93,6 +95,26 @@ class ComposedModel:
     def n_params(self) -> int:
         """Number of parameters (the stage's)."""
         return len(self.table)
+
+    def with_field2(self, field2) -> ComposedModel:
+        """The same model (same stage, index and table) with another fixed factor.
+
+        Parameters
+        ----------
+        field2 : real mesh or None
+            The new factor (None: 1). A compiled training step passes it as an argument.
+        """
+        out = copy.copy(self)
+        out.field2 = field2
+        return out
+
+    def static_key(self):
+        """Hashable key of what a compiled step bakes in from this model (``field2`` excluded).
+
+        None when the stage's :meth:`~jerald_nbk.model.pipeline.Stage.static_key` is None.
+        """
+        inner = self.stage.static_key()
+        return None if inner is None else (type(self), inner, self.index)
 
     def base(self, pos, raw, star=None, density0=None):
         """The stage's own map ``F`` (see :meth:`Stage.forward`)."""

@@ -9,13 +9,21 @@ against :class:`~jerald_nbk.pm.base.ParticleMesh` so that it runs on either engi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Iterator
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..pm.base import ParticleMesh
 from . import layers, transforms
 from .params import ParamTable, dm_layer_names, hi_layer_names, table
+
+#: :class:`Stage`'s ``remat`` on the JAX engine when not given. Off: measured (issue 14), the
+#: rematerialised layers do not lower the step's peak (compiled temporaries at 64^3: 1-layer DM
+#: 80.5 -> 82.9 B/particle, 2-layer DM 140.8 -> 140.8, HI 196 -> 200; 1-layer DM step's peak RSS
+#: at 128^3: 189 -> 203 B/particle), the peak being in the backward pass, and add a layer forward.
+REMAT_DEFAULT = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +67,41 @@ class Stage:
     config : StageConfig
     w_init : float
         Initial amplitude of the final transform (stellar/HI); see :func:`params.table`.
+    remat : bool or None
+        Rematerialise each displacement layer in the backward pass (``jax.checkpoint``): the
+        gradient keeps only each layer's input instead of its meshes, and recomputes the layer's
+        forward pass. Same values, less memory, one more layer forward per step. None (default):
+        :data:`REMAT_DEFAULT` on the JAX engine, off on the MPI engine (which runs eagerly).
+        Not part of the run fingerprint: it does not change what a step computes.
     """
 
-    def __init__(self, pm: ParticleMesh, config: StageConfig, w_init: float = 1.0):
+    def __init__(
+        self, pm: ParticleMesh, config: StageConfig, w_init: float = 1.0, remat: bool | None = None
+    ):
         self.pm = pm
         self.config = config
         self.table = ParamTable(table(config.target, config.n_layers, config.hi_shift, w_init))
+        if remat is None:
+            remat = REMAT_DEFAULT and pm.static_key() is not None
+        self.remat = bool(remat)
+
+    def static_key(self):
+        """Hashable key of what a compiled forward pass bakes in from this stage, or None.
+
+        ``(engine key, config, parameter names and scales, remat)``: two stages with equal keys
+        compute the same map from the same particles and parameters, so a function compiled for
+        one serves the other (see :meth:`ParticleMesh.static_key`). None when the engine shares
+        nothing (MPI) or for a subclass (which may hold arrays; it may override this).
+        """
+        pm_key = self.pm.static_key()
+        if pm_key is None or type(self) is not Stage:
+            return None
+        scales = tuple(float(x) for x in self.table.scale)
+        return (pm_key, self.config, self.table.names, scales, self.remat)
+
+    def _layer(self, fn):
+        """``fn`` (one displacement layer), rematerialised in the backward pass if ``remat``."""
+        return jax.checkpoint(fn) if self.remat else fn
 
     def _phys(self, raw):
         # the parameters are replicated over MPI ranks: their gradient is summed over the ranks
@@ -80,20 +117,16 @@ class Stage:
         cfg, pm = self.config, self.pm
         if cfg.target == "hi":
             raise ValueError("HI layers need the stellar map: use forward(pos, raw, star=...)")
-        for i in range(cfg.n_layers):
-            a, g, kh, kl, nu = (p[n] for n in dm_layer_names(i))
-            pos = layers.displacement_layer(
-                pm,
-                pos,
-                a,
-                g,
-                kh,
-                kl,
-                nu,
-                cfg.green_kind,
-                cfg.gradient_order,
-                density0 if i == 0 else None,
+
+        def layer(x, prm, density):
+            return layers.displacement_layer(
+                pm, x, *prm, cfg.green_kind, cfg.gradient_order, density
             )
+
+        layer = self._layer(layer)
+        for i in range(cfg.n_layers):
+            prm = tuple(p[n] for n in dm_layer_names(i))
+            pos = layer(pos, prm, density0 if i == 0 else None)
         return pos
 
     def forward(self, pos, raw, star=None, density0=None):
@@ -123,13 +156,16 @@ class Stage:
         if star is None:
             raise ValueError("the HI stage needs the stellar map (star=...) from the stellar stage")
         star = transforms.star_overdensity(pm, star)
+
+        def layer(x, star, p1, p2, density):
+            return layers.hi_layer(pm, x, star, p1, p2, cfg.gradient_order, density)
+
+        layer = self._layer(layer)
         for i in range(cfg.n_layers):
             names = hi_layer_names(i)
             p1 = tuple(p[n] for n in names[:5])
             p2 = tuple(p[n] for n in names[5:])
-            pos = layers.hi_layer(
-                pm, pos, star, p1, p2, cfg.gradient_order, density0 if i == 0 else None
-            )
+            pos = layer(pos, star, p1, p2, density0 if i == 0 else None)
         rho = density0 if (cfg.n_layers == 0 and density0 is not None) else pm.density(pos)
         return transforms.hi_transform(pm, rho, star, p)
 
@@ -168,3 +204,71 @@ class Pipeline:
                 raise ValueError("the HI stage needs a stellar stage in the pipeline")
             out["hi"] = self.hi[0].forward(x, self.hi[1], star=out["stellar"])
         return out
+
+    def _stages(self) -> dict:
+        return {k: v for k, v in (("dm", self.dm), ("stellar", self.stellar), ("hi", self.hi)) if v}
+
+    def maps_function(self):
+        """:meth:`maps` compiled once: ``f(pos, raws) -> maps``, ``raws`` a dict of raw vectors.
+
+        The positions and the stages' parameters are arguments, so one compilation serves every
+        catalog with the same particle count (and every pipeline whose stages have the same
+        static configuration: the compiled function is cached by their
+        :meth:`Stage.static_key`). On the MPI engine the function runs eagerly.
+        """
+        stages = self._stages()
+        if not stages:
+            raise ValueError("the pipeline has no stage")
+        keys = tuple((k, s.static_key()) for k, (s, _) in stages.items())
+        if any(key is None for _, key in keys):
+            fn = self.__dict__.get("_maps_fn")
+            if fn is None:
+                fn = self.__dict__["_maps_fn"] = _maps_function(stages)
+            return fn
+        fn = _MAPS_CACHE.pop(keys, None) or _maps_function(stages)
+        _MAPS_CACHE[keys] = fn
+        while len(_MAPS_CACHE) > _MAPS_CACHE_SIZE:
+            del _MAPS_CACHE[next(iter(_MAPS_CACHE))]
+        return fn
+
+    def maps_many(self, catalogs: Iterable) -> Iterator[dict]:
+        """The maps of many catalogs, one compilation for all: yields one :meth:`maps` dict each.
+
+        Parameters
+        ----------
+        catalogs : iterable of (N, 3) arrays
+            FastPM positions (Mpc/h), consumed lazily (a generator reading one file at a time
+            holds one catalog in memory). Each particle count compiles once.
+
+        Yields
+        ------
+        dict
+            ``{"dm", "stellar", "hi"}`` maps (those the pipeline can make) of each catalog, as
+            JAX arrays on the engine's local mesh; they are computed asynchronously, so reading
+            one (e.g. ``np.asarray``) waits for it while the next catalog is being read.
+
+        Examples
+        --------
+        >>> for i, maps in enumerate(pipeline.maps_many(np.load(f) for f in files)):
+        ...     np.save(f"hi_{i}.npy", np.asarray(maps["hi"]))
+        """
+        fn = self.maps_function()
+        raws = {k: jnp.asarray(raw) for k, (_, raw) in self._stages().items()}
+        for pos in catalogs:
+            yield fn(jnp.asarray(pos), raws)
+
+
+#: compiled :meth:`Pipeline.maps` functions by the stages' static keys (least recently used
+#: dropped first beyond :data:`_MAPS_CACHE_SIZE`)
+_MAPS_CACHE: dict = {}
+_MAPS_CACHE_SIZE = 8
+
+
+def _maps_function(stages: dict):
+    """``f(pos, raws) -> maps`` for the stages ``{name: (Stage, raw)}`` (their raws unused)."""
+
+    def maps(pos, raws):
+        parts = {k: (stage, raws[k]) for k, (stage, _) in stages.items()}
+        return Pipeline(**parts).maps(pos)
+
+    return next(iter(stages.values()))[0].pm.jit(maps)

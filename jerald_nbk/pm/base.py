@@ -156,6 +156,16 @@ class ParticleMesh(abc.ABC):
         """Global number of particles."""
         return int(pos.shape[0])
 
+    def static_key(self):
+        """Hashable key of everything a compiled function may bake in from this engine, or None.
+
+        Two engines with equal keys compute the same thing from the same inputs, so a function
+        compiled against one may be reused with the other (:class:`~jerald_nbk.train.loop.Objective`
+        and :meth:`~jerald_nbk.model.pipeline.Pipeline.maps_many` cache their compiled functions by
+        it). None (the default, and the MPI engine's): nothing is shared between engine objects.
+        """
+        return None
+
     def jit(self, fn: Callable) -> Callable:
         """Compile ``fn`` if the engine allows it (the MPI engine runs eagerly, in program order)."""
         import jax

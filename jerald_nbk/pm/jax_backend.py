@@ -277,6 +277,10 @@ class JaxPM(ParticleMesh):
     def kvec(self):
         return self._kvec
 
+    def static_key(self):
+        """``(class, Nmesh, BoxSize, dtype, CIC configuration)``: see :meth:`ParticleMesh.static_key`."""
+        return (type(self), self.Nmesh, tuple(self.BoxSize.tolist()), self.dtype.str, self._cfg)
+
     def mesh_index(self):
         nx, ny, nz = self.Nmesh
         return (

@@ -104,12 +104,77 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+#: compiled step functions shared by the Objectives of one static configuration (key: the model's
+#: ``static_key()`` and the loss power), at most :data:`_STEP_CACHE_SIZE` configurations, the least
+#: recently used dropped first
+_STEP_CACHE: dict = {}
+_STEP_CACHE_SIZE = 16
+
+#: traces of the step functions by kind (``"value_and_grad"``, ``"losses"``): on an engine that
+#: compiles (JAX), one trace is one compilation; the MPI engine runs eagerly and counts every call
+TRACES: dict = {"value_and_grad": 0, "losses": 0}
+
+
+def _model_key(model):
+    """The model's ``static_key()``, or None (its functions are then not shared)."""
+    key = getattr(model, "static_key", None)
+    return None if key is None else key()
+
+
+def _step_functions(model, p: int, jit) -> tuple:
+    """``(value_and_grad, losses)`` of ``model``, both taking ``(raw, data)`` (see :class:`Objective`).
+
+    ``model`` serves as a template: its arrays (a composed model's ``field2``) come from ``data``.
+    """
+
+    def losses(raw, data):
+        m = model.with_field2(data["field2"]) if "field2" in data else model
+        F = m.forward(data["pos"], raw, star=data.get("star"), density0=data["density0"])
+        out = masked_losses(m.pm, F, data["target"], data["masks"], p, data.get("filt"))
+        out |= selection_losses(m.pm, F, data["target"], data["masks"], p)
+        return out["train"], out
+
+    def value_and_grad(raw, data):
+        TRACES["value_and_grad"] += 1
+        return jax.value_and_grad(losses, has_aux=True)(raw, data)
+
+    def losses_only(raw, data):
+        TRACES["losses"] += 1
+        return losses(raw, data)[1]
+
+    return jit(value_and_grad), jit(losses_only)
+
+
+def _shared_step_functions(model, p: int) -> tuple:
+    """:func:`_step_functions` of ``model``, cached by its static configuration when it has one."""
+    key = _model_key(model)
+    if key is None:
+        return _step_functions(model, p, model.pm.jit)
+    key = (key, p)
+    fns = _STEP_CACHE.pop(key, None)
+    if fns is None:
+        template = model.with_field2(None) if hasattr(model, "with_field2") else model
+        fns = _step_functions(template, p, model.pm.jit)
+    _STEP_CACHE[key] = fns  # (re)inserted last: the most recently used
+    while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
+        del _STEP_CACHE[next(iter(_STEP_CACHE))]
+    return fns
+
+
 class Objective:
     """Losses of one stage on its target map, in every region, and the train-loss gradient.
 
+    Compile once, run many: the particles, target, masks, filter and (HI) stellar map are
+    *arguments* of the compiled functions (:attr:`data`), not constants baked into them, and the
+    compiled functions are shared by every Objective of the same static configuration (engine
+    mesh and box, stage configuration and parameter scales, loss power): a new simulation, a
+    resumed run or another target of the same shapes reuses the compiled step. On the MPI engine
+    (``pm.jit`` is the identity) the same functions run eagerly.
+
     Parameters
     ----------
-    stage : Stage
+    stage : Stage or ComposedModel
+        The model (anything with ``pm``, ``config``, ``table`` and ``forward``).
     pos : (N, 3) array
         Input particles (for stellar and HI: the DM-improved ones).
     target : real mesh
@@ -117,6 +182,21 @@ class Objective:
     config : TrainConfig
     star : real mesh, optional
         HI: the frozen stellar map.
+
+    Attributes
+    ----------
+    stage, pm, p, pos, target, star : as given (``p``: the loss power of ``config``)
+    masks : dict
+        ``train``, ``validation`` and ``test`` masks of ``config.split``.
+    filt : complex mesh or None
+        The eq-11 smoothing filter (None without smoothing).
+    density0 : real mesh
+        ``pm.density(pos)``, painted once.
+    data : dict
+        The arrays passed to the compiled functions: ``pos``, ``target``, ``density0``, ``masks``
+        and, when present, ``star``, ``filt`` and a composed model's ``field2``. Built once here:
+        replacing an attribute afterwards does not change what is computed (make a new
+        Objective: it reuses the compiled step).
     """
 
     def __init__(self, stage: Stage, pos, target, config: TrainConfig, star=None):
@@ -136,23 +216,29 @@ class Objective:
         # The input particles do not depend on the parameters: paint them once, not every step.
         self.density0 = pm.density(pos)
 
-        def losses(raw):
-            F = stage.forward(self.pos, raw, star=self.star, density0=self.density0)
-            out = masked_losses(pm, F, self.target, self.masks, self.p, self.filt)
-            out |= selection_losses(pm, F, self.target, self.masks, self.p)
-            return out["train"], out
-
-        self._value_and_grad = pm.jit(jax.value_and_grad(losses, has_aux=True))
-        self._losses = pm.jit(lambda raw: losses(raw)[1])
+        data = {
+            "pos": jnp.asarray(pos),
+            "target": jnp.asarray(target),
+            "density0": self.density0,
+            "masks": self.masks,
+        }
+        if star is not None:
+            data["star"] = jnp.asarray(star)
+        if self.filt is not None:
+            data["filt"] = self.filt
+        if getattr(stage, "field2", None) is not None:
+            data["field2"] = jnp.asarray(stage.field2)
+        self.data = data
+        self._value_and_grad, self._losses = _shared_step_functions(stage, self.p)
 
     def value_and_grad(self, raw):
         """``(losses by region, gradient of the train loss)`` at raw parameters."""
-        (_, out), g = self._value_and_grad(raw)
+        (_, out), g = self._value_and_grad(raw, self.data)
         return out, g
 
     def losses(self, raw) -> dict:
         """Losses by region (no gradient)."""
-        return {k: float(v) for k, v in self._losses(raw).items()}
+        return {k: float(v) for k, v in self._losses(raw, self.data).items()}
 
 
 @dataclasses.dataclass
