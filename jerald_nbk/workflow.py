@@ -14,11 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from .io.paramfiles import load_params, save_params
+from .model.params import initial_amplitude
 from .model.pipeline import Pipeline, Stage, StageConfig
 from .pm import ParticleMesh, make_pm
 from .train.loop import Objective, TrainConfig, TrainResult, train
 from .train.validate import check_same_box
-from .utils import is_root
+from .utils import root_only
 
 
 def default_comm():
@@ -134,13 +135,11 @@ def train_stage(
     ``overwrite``, ``opt_state0``, ``start_step``).
     """
     cfg = train_config or TrainConfig()
-    w_init = 1.0
+    amplitude = 1.0
     if target in ("stellar", "hi"):
-        # model.md starts w at the mean target per particle; per *cell* is what makes eq 8 (mu=1,
-        # b=0, mean 1+delta = 1) reproduce the target's mean, and the two agree for N^3 particles
-        # on an N^3 mesh, the paper's setting.
-        w_init = max(float(pm.sum(target_map)) / pm.ncells, 1e-5)
-    stage = Stage(pm, StageConfig(target, n_layers, gradient_order, hi_shift, green), w_init=w_init)
+        amplitude = initial_amplitude(pm.sum(target_map), pm.ncells)
+    config = StageConfig(target, n_layers, gradient_order, hi_shift, green, amplitude=amplitude)
+    stage = Stage(pm, config)
     return fit_stage(
         stage, pos, target_map, outdir, cfg, star=star, provenance=provenance, resume=resume, **run
     )
@@ -203,19 +202,20 @@ def fit_stage(
     # step's
     final = {"final": True, "final_step": res.final_step, "losses": res.final_losses}
     save_params(outdir / "params_final.json", stage.config, res.raw, prov | final, comm=pm.comm)
-    if is_root(pm.comm) and res.history:
-        from .analysis.plots import plot_parameter_trajectories, plot_training_curves
+    with root_only(pm.comm, f"plotting into {outdir}") as root:
+        if root and res.history:
+            from .analysis.plots import plot_parameter_trajectories, plot_training_curves
 
-        plot_training_curves(
-            outdir / "training.png", res.history, title=f"{stage.config.target} stage"
-        )
-        tab = stage.table
-        plot_parameter_trajectories(
-            outdir / "parameters.png",
-            res.history,
-            {n: (lo, hi) for n, lo, hi in zip(tab.names, tab.lower, tab.upper, strict=True)},
-            title=f"{stage.config.target} stage: parameters (physical values) against step",
-        )
+            plot_training_curves(
+                outdir / "training.png", res.history, title=f"{stage.config.target} stage"
+            )
+            tab = stage.table
+            plot_parameter_trajectories(
+                outdir / "parameters.png",
+                res.history,
+                {n: (lo, hi) for n, lo, hi in zip(tab.names, tab.lower, tab.upper, strict=True)},
+                title=f"{stage.config.target} stage: parameters (physical values) against step",
+            )
     return StageRun(res, path, outdir, stage)
 
 

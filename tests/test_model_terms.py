@@ -77,7 +77,8 @@ def _stage(smoke, kwargs, target_name, composed):
     cfg = StageConfig(**kwargs)
     w = 1.0 if cfg.target == "dm" else _w_init(pm, target)
     if composed is None:
-        stage = Stage(pm, cfg, w_init=w)
+        # the training path (workflow.train_stage): the map's amplitude sets w's start and unit
+        stage = Stage(pm, StageConfig(**kwargs, amplitude=w))
     else:
         from jerald_nbk.model.composed import make_composed_stage
 
@@ -178,3 +179,50 @@ def test_hi_map_does_not_depend_on_the_stellar_map_units(smoke):
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12 * np.abs(a).max())
     # and the stellar map of the smoke suite has empty cells, where the floor acts
     assert np.mean(np.asarray(maps["stellar"]) == 0) > 0.1
+
+
+@pytest.mark.parametrize("rule", ["validation", "smoothed-validation", "train+validation"])
+def test_kept_step_is_the_best_under_the_selection_rule(smoke, rule, tmp_path):
+    """The kept parameters are those of the step the rule scores lowest; params_final.json
+    reports the final parameters' own losses, not the kept step's."""
+    import json
+
+    from jerald_nbk.train.loss import selection_score
+    from jerald_nbk.workflow import fit_stage
+
+    pm, pos, maps = smoke
+    stage = Stage(pm, StageConfig("dm", 1))
+    cfg = TrainConfig(steps=6, progress=False, select=rule, eta0=0.05, eta_final=0.05)
+    run = fit_stage(stage, pos, maps["dm"], tmp_path / rule, cfg)
+    res = run.result
+    cells = {k: float(m.sum()) for k, m in Objective(stage, pos, maps["dm"], cfg).masks.items()}
+    scores = [selection_score(h, rule, cells) for h in res.history]
+    scores.append(selection_score(res.final_losses, rule, cells))
+    assert res.best_step == int(np.argmin(scores))
+    final = json.loads((tmp_path / rule / "params_final.json").read_text())["provenance"]
+    assert final["losses"]["train"] == pytest.approx(res.final_losses["train"], rel=1e-12)
+    assert final["final_step"] == cfg.steps
+    with pytest.raises(ValueError, match="select must be one of"):
+        TrainConfig(select="median").p_for("dm")
+
+
+def test_stellar_fit_does_not_depend_on_the_map_units(smoke, tmp_path):
+    """A stellar map in 1e10 Msun/h at high z has a mean of ~1e-5 per cell: Adam's absolute steps
+    (0.002-0.02) used to push w onto its bound in one step and the map collapsed to zero. With the
+    amplitude as the unit of w and b, the same map in units 1e5 times smaller trains to the same
+    map, scaled."""
+    from jerald_nbk.workflow import train_stage
+
+    pm, pos, maps = smoke
+    cfg = TrainConfig(steps=8, smoothing_n=1.0, progress=False)
+    runs = [
+        train_stage(pm, "stellar", pos, maps["stellar"] * u, tmp_path / f"u{u:g}", 1, cfg)
+        for u in (1.0, 1e-5)
+    ]
+    maps_out = [np.asarray(r.stage.forward(pos, r.result.raw)) for r in runs]
+    assert maps_out[0].max() > 0
+    np.testing.assert_allclose(
+        maps_out[1] * 1e5, maps_out[0], rtol=1e-6, atol=1e-9 * maps_out[0].max()
+    )
+    w = [r.stage.table.as_dict(r.result.raw)["w"] for r in runs]
+    assert w[1] * 1e5 == pytest.approx(w[0], rel=1e-6)

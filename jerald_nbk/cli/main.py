@@ -452,9 +452,8 @@ def _apply_paper_defaults(args, *attrs) -> str:
 def _train(args) -> int:
     from .. import workflow as wf
     from ..io import read_mesh
-    from ..train.loop import run_options
     from ..train.validate import check_particles, check_target
-    from ..utils import run_lock
+    from ..utils import root_only, run_lock
     from .common import detect_dataset
 
     _, mattrs = read_mesh(args.target_map)
@@ -498,34 +497,31 @@ def _train(args) -> int:
         "command": " ".join(sys.argv),
     }
     out = Path(args.out)
-    inputs = None
-    if pm.comm is None or pm.comm.rank == 0:
-        inputs = _train_inputs(args)
-    if pm.comm is not None and pm.comm.size > 1:
-        inputs = pm.comm.bcast(inputs, root=0)
+    with root_only(pm.comm, "fingerprinting the inputs", share=True) as root:
+        if root:
+            root.value = _train_inputs(args)
+    inputs = root.value
     with run_lock(out, pm.comm, "--out"):
-        if pm.comm is None or pm.comm.rank == 0:
-            _check_train_out(out, args.overwrite)
-        if pm.comm is not None:
-            pm.comm.Barrier()
-        options = run_options(
-            inputs=inputs, force_resume=args.force_resume, overwrite=args.overwrite
+        with root_only(pm.comm, "checking --out") as root:
+            if root:
+                _check_train_out(out, args.overwrite)
+        run = wf.train_stage(
+            pm,
+            args.target,
+            pos,
+            target_map,
+            out,
+            args.layers,
+            _train_config(args),
+            order,
+            args.hi_shift,
+            star=star,
+            provenance=prov,
+            resume=not args.no_resume,
+            inputs=inputs,
+            force_resume=args.force_resume,
+            overwrite=args.overwrite,
         )
-        with options:
-            run = wf.train_stage(
-                pm,
-                args.target,
-                pos,
-                target_map,
-                out,
-                args.layers,
-                _train_config(args),
-                order,
-                args.hi_shift,
-                star=star,
-                provenance=prov,
-                resume=not args.no_resume,
-            )
     if pm.comm is None or pm.comm.rank == 0:
         r = run.result
         print(
@@ -573,7 +569,7 @@ def cmd_paint(args) -> int:
     pipe_maps = pipe.maps(pos, improved=x)
     out = Path(args.out)
     # every output is checked before any is written: a refusal leaves nothing partial behind
-    from ..utils import check_output
+    from ..utils import check_output, root_only
 
     names = [*pipe_maps, *(["improved"] if args.save_particles else [])]
     for name in names:
@@ -586,11 +582,12 @@ def cmd_paint(args) -> int:
     }
     for name, local in pipe_maps.items():
         full = wf.to_global(pm, local)
-        if pm.comm is None or pm.comm.rank == 0:
-            write_mesh(
-                out / name, full, pm.BoxSize, attrs | {"map": name}, overwrite=args.overwrite
-            )
-            print(f"[jerald] {name} map: {out / name}")
+        with root_only(pm.comm, f"writing {out / name}") as root:
+            if root:
+                write_mesh(
+                    out / name, full, pm.BoxSize, attrs | {"map": name}, overwrite=args.overwrite
+                )
+                print(f"[jerald] {name} map: {out / name}")
     if args.save_particles:
         import numpy as np
 
@@ -726,9 +723,9 @@ def cmd_info(args) -> int:
         from ..io.paramfiles import load_params
 
         cfg, raw, prov = load_params(path)
-        from ..model.params import ParamTable, table
+        from ..model.params import table_for
 
-        tab = ParamTable(table(cfg.target, cfg.n_layers, cfg.hi_shift))
+        tab = table_for(cfg)
         print(
             f"{path}: {cfg.target} stage, {cfg.n_layers} layers, gradient order {cfg.gradient_order}"
         )
@@ -808,12 +805,14 @@ def main(argv=None) -> int:
         import jax
 
         jax.config.update("jax_enable_x64", True)
+    from ..utils import error_exit, install_mpi_excepthook
+
+    install_mpi_excepthook()  # under mpiexec: an error on any rank ends every rank
     t0 = time.perf_counter()
     try:
         rc = COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FloatingPointError, OSError) as err:
-        print(f"jerald {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        return error_exit(f"jerald {args.command}: error: {err}", 1)
     if not getattr(args, "quiet", False) and args.command not in ("info",):
         print(f"[jerald] {args.command} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return rc

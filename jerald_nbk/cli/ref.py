@@ -266,58 +266,6 @@ def _initial_raw(stage, z):
     return raw0
 
 
-def _fit_continuing(stage, pos, target, workdir, cfg, raw0, star, prov, opt_state0, start_step):
-    """Train from given Adam moments and step (a reference optstate) and write the run's files.
-
-    Like :func:`jerald_nbk.workflow.fit_stage` (params.json, params_final.json, metrics.jsonl,
-    checkpoint.npz, training.png in ``workdir``), with the optimiser state handed to the loop.
-    """
-    from ..io.paramfiles import save_params
-    from ..train.loop import Objective, train
-    from ..utils import is_root
-
-    pm = stage.pm
-    obj = Objective(stage, pos, target, cfg, star=star)
-    res = train(
-        obj,
-        cfg,
-        raw0=raw0,
-        workdir=workdir,
-        resume=False,
-        opt_state0=opt_state0,
-        start_step=start_step,
-    )
-    record = {
-        "BoxSize": pm.BoxSize.tolist(),
-        "Nmesh": list(pm.Nmesh),
-        "target": stage.config.target,
-        "layers": stage.config.n_layers,
-        "smoothing_n": cfg.smoothing_n,
-        "steps": len(res.history),
-        "start_step": start_step,
-        "best_step": res.best_step,
-        "losses": res.best_losses,
-        "train_config": cfg.as_dict(),
-        "engine": pm.describe(),
-        **(prov or {}),
-    }
-    save_params(workdir / "params.json", stage.config, res.best_raw, record, comm=pm.comm)
-    save_params(
-        workdir / "params_final.json",
-        stage.config,
-        res.raw,
-        record | {"final": True},
-        comm=pm.comm,
-    )
-    if is_root(pm.comm) and res.history:
-        from ..analysis.plots import plot_training_curves
-
-        plot_training_curves(
-            workdir / "training.png", res.history, title=f"{stage.config.target} stage"
-        )
-    return res
-
-
 def cmd_ref(args) -> int:
     """Run ``jerald-ref`` (train or evaluate one target); see the module docstring."""
     from .. import workflow as wf
@@ -333,7 +281,7 @@ def cmd_ref(args) -> int:
     )
     from ..model.pipeline import Stage, StageConfig
     from ..train.schedule import paper_schedule
-    from ..utils import is_root
+    from ..utils import root_only
 
     t, st = args.target, STAGE[args.target]
     if not args.evalpath and not args.refpath:
@@ -466,14 +414,13 @@ def cmd_ref(args) -> int:
             _check_checkpoint(ck, stage.n_params())
             resume = True
             dest = workdir / "checkpoint.npz"
-            if is_root(pm.comm) and ck.resolve() != dest.resolve():
-                workdir.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(ck, dest)
-                src_metrics = ck.parent / "metrics.jsonl"
-                if src_metrics.exists():
-                    shutil.copyfile(src_metrics, workdir / "metrics.jsonl")
-            if pm.comm is not None:
-                pm.comm.Barrier()
+            with root_only(pm.comm, f"copying {ck} to {dest}") as root:
+                if root and ck.resolve() != dest.resolve():
+                    workdir.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(ck, dest)
+                    src_metrics = ck.parent / "metrics.jsonl"
+                    if src_metrics.exists():
+                        shutil.copyfile(src_metrics, workdir / "metrics.jsonl")
         elif config.hi_shift:
             raw0 = _initial_raw(stage, z)
         say(pm, f"[{PROG}] training {t} ({nstep} layers, {args.steps} Adam steps) -> {workdir}")
@@ -492,18 +439,20 @@ def cmd_ref(args) -> int:
                     f"schedule (--eta0, --eta-final, --tau) gives {lr:g} at step {ost.step}; "
                     "using the schedule's",
                 )
-            res = _fit_continuing(
+            # continue the reference's Adam moments and step count
+            res = wf.fit_stage(
                 stage,
                 pos,
                 target,
                 workdir,
                 cfg,
                 raw0,
-                star,
-                prov,
-                optax_adam_state(ost),
-                ost.step,
-            )
+                star=star,
+                provenance=prov | {"start_step": ost.step},
+                resume=False,
+                opt_state0=optax_adam_state(ost),
+                start_step=ost.step,
+            ).result
         else:
             res = wf.fit_stage(
                 stage, pos, target, workdir, cfg, raw0, star=star, provenance=prov, resume=resume
@@ -525,12 +474,13 @@ def cmd_ref(args) -> int:
             "losses": res.best_losses,
         }
         opt_txt = out / f"{stem}{OPTSTATE_SUFFIX}"
-        if is_root(pm.comm):
-            save_plaintext(txt, config, raw, flavour="jerald")
-            if res.opt_state is not None:
-                final = ref_optstate_from_optax(res.opt_state, raw=res.raw)
-                final.lr = float(paper_schedule(cfg.eta0, cfg.eta_final, cfg.tau)(final.step))
-                write_ref_optstate(opt_txt, config, final)
+        with root_only(pm.comm, f"writing {txt}") as root:
+            if root:
+                save_plaintext(txt, config, raw, flavour="jerald")
+                if res.opt_state is not None:
+                    final = ref_optstate_from_optax(res.opt_state, raw=res.raw)
+                    final.lr = float(paper_schedule(cfg.eta0, cfg.eta_final, cfg.tau)(final.step))
+                    write_ref_optstate(opt_txt, config, final)
         save_params(js, config, raw, record, comm=pm.comm)
         say(pm, f"[{PROG}] parameters: {txt} and {js}; optimiser state: {opt_txt}")
         source = str(txt)

@@ -81,8 +81,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model.params import ParamTable, table
-from ..utils import atomic_write, json_safe
+from ..model.params import ParamTable, table_for
+from ..utils import atomic_write, json_safe, root_only
 
 FORMAT = "jerald-nbk-params"
 FORMAT_VERSION = 1
@@ -103,7 +103,7 @@ def save_params(path, config, raw, provenance: dict | None = None, comm=None) ->
     """
     from .. import __version__
 
-    tab = ParamTable(table(config.target, config.n_layers, config.hi_shift))
+    tab = table_for(config)
     raw = np.asarray(raw, dtype=float)
     if raw.shape != (len(tab),):
         raise ValueError(
@@ -134,10 +134,11 @@ def save_params(path, config, raw, provenance: dict | None = None, comm=None) ->
         },
     }
     path = Path(path)
-    if comm is None or comm.rank == 0:
-        with atomic_write(path) as fh:
-            json.dump(doc, fh, indent=1)
-            fh.write("\n")
+    with root_only(comm, f"writing {path}") as root:
+        if root:
+            with atomic_write(path) as fh:
+                json.dump(doc, fh, indent=1)
+                fh.write("\n")
     return path
 
 
@@ -173,7 +174,7 @@ def load_params(path):
         config = StageConfig(**doc["config"])
     except (KeyError, TypeError) as err:
         raise ValueError(f"parameter file {path}: bad 'config' block ({err})") from None
-    tab = ParamTable(table(config.target, config.n_layers, config.hi_shift))
+    tab = table_for(config)
     found = [p["name"] for p in doc.get("parameters", [])]
     if found != list(tab.names):
         raise ValueError(
@@ -666,7 +667,7 @@ def ref_optstate_from_optax(opt_state, lr: float | None = None, raw=None) -> Ref
 
 
 def _table(config) -> ParamTable:
-    return ParamTable(table(config.target, config.n_layers, config.hi_shift))
+    return table_for(config)
 
 
 def _read_numbers(path: Path) -> np.ndarray:

@@ -66,7 +66,11 @@ def hi_layer_names(i: int) -> list[str]:
 
 
 def table(
-    target: str, n_layers: int, hi_shift: bool = False, w_init: float = 1.0
+    target: str,
+    n_layers: int,
+    hi_shift: bool = False,
+    w_init: float | None = None,
+    amplitude: float = 1.0,
 ) -> list[ParamSpec]:
     """The parameter table of a target.
 
@@ -80,13 +84,27 @@ def table(
     hi_shift : bool
         HI only: the reference code's per-redshift shift ``zs`` inside the power,
         ``ReLU(1 + delta + zs)^mu``.
-    w_init : float
-        Initial ``w`` of the final transform (stellar: the mean target per particle, model.md).
+    w_init : float, optional
+        Initial ``w`` of the final transform (default: ``amplitude``).
+    amplitude : float
+        The target map's amplitude (its mean per cell, :func:`initial_amplitude`): the unit in
+        which the optimiser sees ``w`` and ``b`` (HI: also ``beta1``, ``beta2``, ``eta``), and
+        ``w``'s lower bound is ``1e-5 amplitude``. 1 for maps already normalised to O(1) and for
+        the reference codes' files, whose optimisers work on unscaled values.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if n_layers < 0 or (target == "dm" and n_layers < 1):
         raise ValueError(f"n_layers must be >= {1 if target == 'dm' else 0}, got {n_layers}")
+    # Terms in the map's units (w, b; HI also beta1, beta2, eta) are optimised in units of the
+    # map's amplitude: Adam's steps are absolute in raw units (0.002-0.02), so a stellar map in
+    # 1e10 Msun/h with a mean of 5e-5 per cell (z = 5) had w pushed onto its bound in one step and
+    # the fitted map collapsed to zero. w's positivity bound is relative for the same reason.
+    a = float(amplitude)
+    if not (np.isfinite(a) and a > 0):
+        raise ValueError(f"amplitude must be a positive number, got {amplitude!r}")
+    w_init = a if w_init is None else float(w_init)
+    w_min = 1e-5 * a
     out: list[ParamSpec] = []
     if target in ("dm", "stellar"):
         for i in range(n_layers):
@@ -96,9 +114,9 @@ def table(
             out += _layer(i, 1e-3, "1", " (DM source)") + _layer(i, 1e-3, "2", " (stellar source)")
     if target == "stellar":
         out += [
-            ParamSpec("w", w_init, 1.0, 1e-5, doc="amplitude of the stellar transform (eq 8)"),
+            ParamSpec("w", w_init, a, w_min, doc="amplitude of the stellar transform (eq 8)"),
             ParamSpec("mu", 1.0, 1.0, 0.1, doc="power of 1+delta in eq 8"),
-            ParamSpec("b", 0.0, 1.0, doc="threshold of eq 8"),
+            ParamSpec("b", 0.0, a, doc="threshold of eq 8"),
         ]
     elif target == "hi":
         # Initial values keep every term of eqs 13-15 alive (non-zero gradient for each parameter):
@@ -111,14 +129,14 @@ def table(
         #   which freezes gamma3).
         # - eta = 0 and b = 0: their gradients are the counts of active cells, non-zero.
         out += [
-            ParamSpec("w", w_init, 1.0, 1e-5, doc="amplitude of the HI transform (eq 13)"),
+            ParamSpec("w", w_init, a, w_min, doc="amplitude of the HI transform (eq 13)"),
             ParamSpec("mu", 1.0, 1.0, 0.1, doc="power of 1+delta in eq 13"),
-            ParamSpec("b", 0.0, 1.0, doc="threshold of eq 13"),
+            ParamSpec("b", 0.0, a, doc="threshold of eq 13"),
             ParamSpec(
-                "beta1", 0.6 * w_init, 1.0, doc="depletion around stars, filtered term (eq 14)"
+                "beta1", 0.6 * w_init, a, doc="depletion around stars, filtered term (eq 14)"
             ),
-            ParamSpec("beta2", 0.05 * w_init, 1.0, doc="local stellar conversion term (eq 14)"),
-            ParamSpec("eta", 0.0, 1.0, doc="offset inside the depletion ReLU (eq 14)"),
+            ParamSpec("beta2", 0.05 * w_init, a, doc="local stellar conversion term (eq 14)"),
+            ParamSpec("eta", 0.0, a, doc="offset inside the depletion ReLU (eq 14)"),
             ParamSpec("gamma3", 1.0, 1.0, 0.05, 2.0, doc="power of 1+delta_star (eq 14)"),
             ParamSpec("kIh", 1.0, 1.0, 0.0, doc="large-scale cut of O_I (eq 15, h/Mpc)"),
             ParamSpec("kIl", 8.0, 1.0, 0.1, doc="small-scale cut of O_I (eq 15, h/Mpc)"),
@@ -128,6 +146,29 @@ def table(
         if hi_shift:
             out.append(ParamSpec("zs", 0.0, 1.0, doc="shift inside the power of eq 13"))
     return out
+
+
+def initial_amplitude(target_sum: float, ncells: int) -> float:
+    """The one initial-value rule of the final transforms: the target's mean per cell.
+
+    model.md starts ``w`` at the mean target per particle; per *cell* is what makes eq 8 (mu = 1,
+    b = 0, mean 1 + delta = 1) reproduce the target's mean, and the two agree for N^3 particles on
+    an N^3 mesh, the paper's setting. Floored at a tiny positive value for an all-zero map.
+    """
+    return max(float(target_sum) / int(ncells), 1e-30)
+
+
+def table_for(config, w_init: float | None = None) -> ParamTable:
+    """The :class:`ParamTable` of a stage configuration (target, layers, shift, amplitude)."""
+    return ParamTable(
+        table(
+            config.target,
+            config.n_layers,
+            config.hi_shift,
+            w_init,
+            getattr(config, "amplitude", 1.0),
+        )
+    )
 
 
 class ParamTable:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..pm.base import ParticleMesh
 from . import layers, transforms
-from .params import ParamTable, dm_layer_names, hi_layer_names, table
+from .params import dm_layer_names, hi_layer_names, table_for
 
 #: :class:`Stage`'s ``remat`` on the JAX engine when not given. Off: measured (issue 14), the
 #: rematerialised layers do not lower the step's peak (compiled temporaries at 64^3: 1-layer DM
@@ -41,6 +41,10 @@ class StageConfig:
         HI: fit the reference code's shift ``zs`` in eq 13.
     green : {"dm", "sm"} or None
         Green's function of the layers; default eq 7 for DM, eq 6 otherwise (LDL uses eq 6 for all).
+    amplitude : float
+        The target map's amplitude (mean per cell): the initial ``w`` and the unit in which the
+        optimiser sees the terms in the map's units (:func:`params.table`). 1: unscaled, as the
+        reference codes' optimisers and files have it.
     """
 
     target: str
@@ -48,6 +52,7 @@ class StageConfig:
     gradient_order: int | str = 6
     hi_shift: bool = False
     green: str | None = None
+    amplitude: float = 1.0
 
     @property
     def green_kind(self) -> str:
@@ -65,8 +70,9 @@ class Stage:
     pm : ParticleMesh
         Engine (its Nmesh/BoxSize define the output mesh).
     config : StageConfig
-    w_init : float
-        Initial amplitude of the final transform (stellar/HI); see :func:`params.table`.
+    w_init : float, optional
+        Initial ``w`` of the final transform (stellar/HI); default ``config.amplitude``
+        (:func:`params.table`).
     remat : bool or None
         Rematerialise each displacement layer in the backward pass (``jax.checkpoint``): the
         gradient keeps only each layer's input instead of its meshes, and recomputes the layer's
@@ -76,11 +82,15 @@ class Stage:
     """
 
     def __init__(
-        self, pm: ParticleMesh, config: StageConfig, w_init: float = 1.0, remat: bool | None = None
+        self,
+        pm: ParticleMesh,
+        config: StageConfig,
+        w_init: float | None = None,
+        remat: bool | None = None,
     ):
         self.pm = pm
         self.config = config
-        self.table = ParamTable(table(config.target, config.n_layers, config.hi_shift, w_init))
+        self.table = table_for(config, w_init)
         if remat is None:
             remat = REMAT_DEFAULT and pm.static_key() is not None
         self.remat = bool(remat)
