@@ -251,11 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="target maps from hydro snapshots",
         description="CIC maps (dm, stellar, gas, nHI, ne, T) from Gadget/AREPO/IllustrisTNG HDF5 snapshots (one or many files), with units converted to Mpc/h.",
     )
-    p.add_argument("snapshots", nargs="+", help="HDF5 snapshot file(s)")
+    p.add_argument(
+        "snapshots",
+        nargs="+",
+        help="HDF5 snapshot: one file, one chunk (snap_033.0.hdf5 finds its siblings), a "
+        "directory, a quoted glob pattern, or every chunk file",
+    )
     p.add_argument("--field", required=True, choices=["dm", "stellar", "gas", "nHI", "ne", "T"])
     p.add_argument("--Nmesh", type=int, required=True)
     p.add_argument("--units", default="auto", choices=["auto", "kpc/h", "Mpc/h"])
     p.add_argument("--out", required=True, help="output mesh (bigfile directory or .npy)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that is not a jerald output (default: refuse)",
+    )
     p.add_argument("--config")
 
     p = sub.add_parser("info", help="versions, engines, or a file's contents")
@@ -677,12 +687,35 @@ def cmd_report(args) -> int:
 
 
 def cmd_make_target(args) -> int:
-    from ..io import write_mesh
-    from ..io.snapshots import make_target
+    """``jerald make-target``: paint a snapshot field and write it as a mesh (rank 0 writes).
 
-    arr, attrs = make_target(args.snapshots, args.field, args.Nmesh, units=args.units)
-    if arr is not None:
-        write_mesh(args.out, arr, attrs["BoxSize"], attrs)
+    Every rank reads its share of the snapshot rows (:func:`jerald_nbk.io.snapshots.make_target`);
+    the map goes to ``--out`` (bigfile directory, or ``.npy`` with a JSON sidecar) with the
+    snapshot's redshift, cosmology, units and the files and formula that made it. Nothing is
+    written when an input is refused, and an existing ``--out`` that is not a previous output of
+    ours is left untouched unless ``--overwrite``.
+    """
+    from .. import workflow as wf
+    from ..io.snapshots import write_target
+    from ..utils import is_root
+
+    if args.Nmesh <= 0:
+        raise ValueError(f"--Nmesh: expected a positive number of cells, found {args.Nmesh}")
+    comm = wf.default_comm()
+    # one argument is read as the Python API reads it: a file, one chunk (its siblings are
+    # found), a directory or a quoted glob pattern; several are the chunk files themselves
+    snaps = args.snapshots[0] if len(args.snapshots) == 1 else args.snapshots
+    write_target(
+        args.out,
+        snaps,
+        args.field,
+        args.Nmesh,
+        comm=comm,
+        units=args.units,
+        overwrite=args.overwrite,
+        extra={"command": " ".join(sys.argv)},
+    )
+    if is_root(comm):
         print(f"[jerald] {args.field} map ({args.Nmesh}^3): {args.out}")
     return 0
 

@@ -365,8 +365,10 @@ def make_target(
     counts = np.array([int(h["NumPart_ThisFile"][ptype]) for h in heads], dtype=np.int64)
     shares = _my_rows(counts, comm.rank, comm.size)
     cols = _collective(comm, _read_rows, files, heads, ptype, datasets, shares)
-    pos = np.mod(cols["Coordinates"] * length, box)
-    mass = cols["Masses"] if "Masses" in cols else np.full(len(pos), mass_table)
+    raw_pos = cols["Coordinates"] * length
+    mass = cols["Masses"] if "Masses" in cols else np.full(len(raw_pos), mass_table)
+    _check_rows(raw_pos, mass, cols, box, files, ptype, comm)
+    pos = np.mod(raw_pos, box)
 
     if field in ("dm", "gas", "stellar"):
         weights = [mass]
@@ -396,6 +398,11 @@ def make_target(
         "nparticles": npart,
         "X": float(X),
     }
+    cosmo = _cosmology(h0)
+    if cosmo:
+        attrs["cosmology"] = cosmo
+        if "Omega_m" in cosmo:
+            attrs["Om0"] = cosmo["Omega_m"]
     if comm.rank != 0:
         return None, attrs
     if field in ("dm", "gas"):
@@ -415,6 +422,79 @@ def make_target(
         with np.errstate(invalid="ignore", divide="ignore"):
             out = np.where(m > 0, mt / np.where(m > 0, m, 1.0), 0.0)
     return out, attrs
+
+
+#: Gadget header attributes of the cosmology -> the names of the suite's ``cosmology`` attribute
+COSMOLOGY_KEYS = {
+    "Omega0": "Omega_m",
+    "OmegaBaryon": "Omega_b",
+    "OmegaLambda": "Omega_L",
+    "HubbleParam": "h",
+}
+
+
+def _cosmology(head: dict) -> dict:
+    """The cosmology a snapshot header records (``Omega_m``, ``Omega_b``, ``Omega_L``, ``h``)."""
+    out = {}
+    for key, name in COSMOLOGY_KEYS.items():
+        if key in head:
+            value = float(np.asarray(head[key]).reshape(-1)[0])
+            if np.isfinite(value):
+                out[name] = value
+    return out
+
+
+def _check_rows(pos, mass, cols: dict, box, files, ptype: int, comm) -> None:
+    """Refuse non-finite or negative masses and weights, and positions far outside the box.
+
+    Counts are summed over the ranks, so every rank raises the same error. Positions more than
+    one box length outside ``[0, BoxSize)`` are warned about (they are still wrapped), beyond ten
+    they are refused (:func:`jerald_nbk.train.validate.check_in_box`): almost always a units
+    mistake.
+    """
+    from ..train.validate import check_in_box
+
+    where = f"snapshot {files[0]}" + (f" (+{len(files) - 1} chunks)" if len(files) > 1 else "")
+    counts = {}
+    for name, values in (("Masses", mass), *((k, v) for k, v in cols.items() if k != "Masses")):
+        if name == "Coordinates":
+            continue
+        v = np.asarray(values, dtype=np.float64)
+        counts[name] = (
+            int(v.size - np.count_nonzero(np.isfinite(v))),
+            int(np.count_nonzero(v < 0)),
+            float(v.min()) if v.size else np.inf,
+        )
+    nonfinite_pos = int(np.size(pos) - np.count_nonzero(np.isfinite(pos)))
+    if comm is not None and comm.size > 1:
+        counts = {
+            k: (comm.allreduce(a), comm.allreduce(b), comm.allreduce(m, op=_min_op()))
+            for k, (a, b, m) in counts.items()
+        }
+        nonfinite_pos = comm.allreduce(nonfinite_pos)
+    if nonfinite_pos:
+        raise SnapshotError(
+            f"{where}: PartType{ptype}/Coordinates: expected finite values, found "
+            f"{nonfinite_pos} NaN or inf"
+        )
+    for name, (nonfinite, negative, vmin) in counts.items():
+        if nonfinite:
+            raise SnapshotError(
+                f"{where}: PartType{ptype}/{name}: expected finite values, found "
+                f"{nonfinite} NaN or inf"
+            )
+        if negative:
+            raise SnapshotError(
+                f"{where}: PartType{ptype}/{name}: expected values >= 0, found {negative} "
+                f"negative (min {vmin:g})"
+            )
+    check_in_box(pos, box, f"{where}: PartType{ptype}/Coordinates", comm=comm, units="Mpc/h")
+
+
+def _min_op():
+    from mpi4py import MPI
+
+    return MPI.MIN
 
 
 def temperature(u, x_e, X: float = X_H, unit_velocity: float = 1e5):
@@ -463,14 +543,31 @@ def write_target(
     comm=None,
     units: str = "auto",
     X: float = X_H,
+    overwrite: bool = False,
+    extra: dict | None = None,
 ) -> dict:
     """:func:`make_target` then :func:`jerald_nbk.io.write_mesh` (bigfile, atomic, rank 0 writes).
 
-    Returns the attrs written with the mesh.
+    Parameters
+    ----------
+    out : path-like
+        Output mesh: a bigfile directory, or a name ending in ``.npy`` (JSON sidecar).
+    paths, field, Nmesh, comm, units, X
+        As for :func:`make_target`.
+    overwrite : bool
+        Replace an existing ``out`` that is not a previous output of ours (default: refuse).
+    extra : dict, optional
+        More attributes for the mesh (e.g. the command line).
+
+    Returns
+    -------
+    dict
+        The attrs written with the mesh (``BoxSize`` and ``Nmesh`` are those of the array).
     """
     from .meshes import write_mesh
 
     array, attrs = make_target(paths, field, Nmesh, comm=comm, units=units, X=X)
-    extra = {k: v for k, v in attrs.items() if k not in ("BoxSize", "Nmesh")}
-    write_mesh(out, array, attrs["BoxSize"], attrs=extra, comm=comm)
+    attrs = {**attrs, **(extra or {})}
+    meta = {k: v for k, v in attrs.items() if k not in ("BoxSize", "Nmesh")}
+    write_mesh(out, array, attrs["BoxSize"], attrs=meta, comm=comm, overwrite=overwrite)
     return attrs

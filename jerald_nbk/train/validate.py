@@ -2,11 +2,86 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+
+#: positions more than this many box lengths outside ``[0, BoxSize)`` are warned about
+WARN_BOX_LENGTHS = 1.0
+#: positions more than this many box lengths outside ``[0, BoxSize)`` are refused
+REFUSE_BOX_LENGTHS = 10.0
+
+
+class FarOutsideBoxWarning(UserWarning):
+    """Positions more than one box length outside the box (wrapped, but likely a units mistake)."""
+
+
+def check_in_box(pos, box, where: str, comm=None, units: str = "Mpc/h") -> None:
+    """Warn about positions far outside the periodic box and refuse those much farther.
+
+    Positions are wrapped into ``[0, BoxSize)`` by the painters; a position more than one box
+    length outside the box is almost always a units mistake (kpc/h given for Mpc/h), so it is
+    warned about with the count and the range found, and more than ten box lengths away it is
+    an error.
+
+    Parameters
+    ----------
+    pos : (N, 3) array
+        Positions (this rank's share).
+    box : float or 3 floats
+        BoxSize.
+    where : str
+        The file and field, for messages.
+    comm : MPI communicator, optional
+        Counts and ranges are combined over its ranks; the warning is issued on rank 0.
+    units : str
+        Units of ``pos`` and ``box``, for messages.
+
+    Raises
+    ------
+    ValueError
+        Some position lies more than :data:`REFUSE_BOX_LENGTHS` box lengths outside the box.
+    """
+    a = np.asarray(pos, dtype=np.float64).reshape(-1, 3)
+    L = np.broadcast_to(np.asarray(box, dtype=np.float64), (3,))
+    if a.size:
+        ok = np.isfinite(a).all(axis=1)
+        a = a[ok]
+    dist = np.maximum(np.maximum(-a, a - L), 0.0) / L if a.size else np.zeros((0, 3))
+    far = dist.max(axis=1) if len(dist) else np.zeros(0)
+    n_warn = int(np.count_nonzero(far > WARN_BOX_LENGTHS))
+    n_refuse = int(np.count_nonzero(far > REFUSE_BOX_LENGTHS))
+    lo = float(a.min()) if a.size else np.inf
+    hi = float(a.max()) if a.size else -np.inf
+    if comm is not None and getattr(comm, "size", 1) > 1:
+        from mpi4py import MPI
+
+        n_warn, n_refuse = comm.allreduce(n_warn), comm.allreduce(n_refuse)
+        lo, hi = comm.allreduce(lo, op=MPI.MIN), comm.allreduce(hi, op=MPI.MAX)
+    if not n_warn:
+        return
+    box_txt = _fmt(L)
+    found = f"{n_warn} positions more than one box length outside, range [{lo:g}, {hi:g}]"
+    if n_refuse:
+        raise ValueError(
+            f"{where}: expected positions in [0, {box_txt}) {units} (BoxSize), found {found}, "
+            f"{n_refuse} more than {REFUSE_BOX_LENGTHS:g} box lengths away: a units mistake "
+            "(kpc/h for Mpc/h?); convert the positions or check the BoxSize"
+        )
+    if comm is None or getattr(comm, "rank", 0) == 0:
+        warnings.warn(
+            f"{where}: {found} (BoxSize {box_txt} {units}); they are wrapped into the box, but "
+            "this is usually a units mistake (kpc/h for Mpc/h?)",
+            FarOutsideBoxWarning,
+            stacklevel=2,
+        )
 
 
 def check_particles(pos, pm, where: str = "particles") -> None:
-    """Positions must be a non-empty, finite (N, 3) array (local part on MPI engines)."""
+    """Positions must be a non-empty, finite (N, 3) array (local part on MPI engines).
+
+    Positions far outside the box are warned about or refused (:func:`check_in_box`).
+    """
     shape = tuple(np.shape(pos))
     if len(shape) != 2 or shape[1] != 3:
         raise ValueError(f"{where}: Position has shape {shape}, expected (N, 3)")
@@ -18,6 +93,7 @@ def check_particles(pos, pm, where: str = "particles") -> None:
         bad = pm.comm.allreduce(bad)
     if bad:
         raise ValueError(f"{where}: Position has {bad} non-finite (NaN or inf) values")
+    check_in_box(a, pm.BoxSize, where, comm=pm.comm)
 
 
 def check_target(target, pm, kind: str, where: str = "target") -> None:
