@@ -231,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dk", type=float, default=None, help="bin width in h/Mpc (default 2 pi / BoxSize)"
     )
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--allow-negative",
+        action="store_true",
+        help="accept maps with negative cells (delta rather than 1 + delta or a mass)",
+    )
     p.add_argument("--config")
 
     p = sub.add_parser(
@@ -244,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", required=True, help="reference map")
     p.add_argument("--title", default="JERALD fidelity report")
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--allow-negative",
+        action="store_true",
+        help="accept maps with negative cells (delta rather than 1 + delta or a mass)",
+    )
     p.add_argument("--config")
 
     p = sub.add_parser(
@@ -321,11 +331,98 @@ def parse(argv=None) -> argparse.Namespace:
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise SystemExit(f"jerald {command}: config file {cfg_path}: unknown options {unknown}")
+        cfg = _typed_config(cfg, sub, cfg_path, command)
         for action in sub._actions:  # noqa: SLF001
             if action.dest in cfg:
                 action.required = False
         sub.set_defaults(**cfg)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.command:
+        _check_ranges(args, argv, cfg_path)
+    return args
+
+
+def _typed_config(cfg: dict, sub: argparse.ArgumentParser, path, command: str) -> dict:
+    """Config values checked against their options' types and choices (as a flag would be).
+
+    A string is converted by the option's type (``"5"`` for ``--steps``); any other value must
+    already have the type: ``steps: 2.7`` or ``steps: "many"`` is an error naming the file, the
+    option, what it expects and what it found.
+    """
+    out = dict(cfg)
+    for action in sub._actions:  # noqa: SLF001
+        if action.dest not in cfg:
+            continue
+        v = cfg[action.dest]
+        where = f"jerald {command}: config file {path}: option {action.option_strings[0] if action.option_strings else action.dest}"
+        if isinstance(action, argparse._StoreTrueAction):  # noqa: SLF001
+            if not isinstance(v, bool):
+                raise SystemExit(f"{where}: expected true or false, found {v!r}")
+            continue
+        if action.nargs in ("+", "*"):
+            if isinstance(v, str):
+                v = [v]
+            if not isinstance(v, list):
+                raise SystemExit(f"{where}: expected a list, found {v!r}")
+            out[action.dest] = v
+            continue
+        kind = action.type
+        if kind is int:
+            if isinstance(v, str):
+                try:
+                    v = int(v)
+                except ValueError:
+                    raise SystemExit(f"{where}: expected an integer, found {v!r}") from None
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise SystemExit(f"{where}: expected an integer, found {v!r}")
+        elif kind is float:
+            if isinstance(v, str):
+                try:
+                    v = float(v)
+                except ValueError:
+                    raise SystemExit(f"{where}: expected a number, found {v!r}") from None
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise SystemExit(f"{where}: expected a number, found {v!r}")
+            v = float(v)
+        elif action.choices is not None or kind is None:
+            if action.action != "append" and not isinstance(v, str) and v is not None:
+                raise SystemExit(f"{where}: expected a string, found {v!r}")
+        if action.choices is not None and v not in action.choices:
+            raise SystemExit(f"{where}: expected one of {list(action.choices)}, found {v!r}")
+        out[action.dest] = v
+    return out
+
+
+#: options whose values must be positive (> 0) or non-negative (>= 0)
+POSITIVE = (
+    "eta0",
+    "eta_final",
+    "tau",
+    "checkpoint_every",
+    "patience",
+    "layers",
+    "Nmesh",
+    "box_size",
+    "target_scale",
+    "dk",
+)
+NON_NEGATIVE = ("steps", "smoothing_n")
+
+
+def _check_ranges(args: argparse.Namespace, argv, cfg_path) -> None:
+    """Refuse negative or zero values where they make no sense, naming the option and its source."""
+    for dest in (*POSITIVE, *NON_NEGATIVE):
+        v = getattr(args, dest, None)
+        if v is None or isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        positive = dest in POSITIVE
+        if (v > 0) if positive else (v >= 0):
+            continue
+        flag = "--" + dest.replace("_", "-") if dest != "Nmesh" else "--Nmesh"
+        given = any(a == flag or a.startswith(flag + "=") for a in argv)
+        src = f"config file {cfg_path}: " if cfg_path and not given else ""
+        want = "a value > 0" if positive else "a value >= 0"
+        raise SystemExit(f"jerald {args.command}: {src}option {flag}: expected {want}, found {v:g}")
 
 
 def _train_config(args):
@@ -460,13 +557,21 @@ def _apply_paper_defaults(args, *attrs) -> str:
 
 
 def _train(args) -> int:
+    import numpy as np
+
     from .. import workflow as wf
     from ..io import read_mesh
     from ..train.validate import check_particles, check_target
     from ..utils import root_only, run_lock
     from .common import detect_dataset
 
-    _, mattrs = read_mesh(args.target_map)
+    tarr, mattrs = read_mesh(args.target_map)
+    if np.ndim(tarr) != 3:
+        raise ValueError(
+            f"map {args.target_map}: expected a 3-D mesh (Nmesh of 3 axes), found shape "
+            f"{tuple(np.shape(tarr))}"
+        )
+    del tarr
     nmesh = tuple(int(n) for n in mattrs["Nmesh"])
     box = wf.box_of(mattrs, args.target_map)
     pm = wf.engine(nmesh, box, args.dtype, args.backend)
@@ -623,8 +728,13 @@ def cmd_power(args) -> int:
     labels = args.labels.split(",") if args.labels else [Path(m).name for m in args.maps]
     if len(labels) != len(args.maps):
         raise SystemExit(f"jerald power: {len(labels)} labels for {len(args.maps)} maps")
+    from ..train.validate import check_map_values, check_same_box
+
     out = Path(args.out)
     maps = [read_mesh(m) for m in args.maps]
+    for path, (arr, attrs) in zip(args.maps, maps, strict=True):
+        check_map_values(arr, f"map {path}", args.allow_negative)
+        check_same_box(maps[0][1], f"map {args.maps[0]}", attrs, f"map {path}")
     ref, rattrs = maps[0]
     box = rattrs["BoxSize"]
     doc = {}
@@ -654,16 +764,23 @@ def cmd_report(args) -> int:
     from ..analysis.plots import plot_power_comparison, plot_slices
     from ..analysis.report import fom_table, write_report
     from ..io import read_mesh
+    from ..train.validate import check_map_values, check_same_box
 
     ref, rattrs = read_mesh(args.ref)
+    check_map_values(ref, f"map {args.ref}", args.allow_negative)
     box = rattrs["BoxSize"]
     out = Path(args.out)
-    results, figs = {}, []
-    for item in args.pred:
+    preds = []
+    for item in args.pred:  # every input is checked before anything is written
         if "=" not in item:
             raise SystemExit(f"jerald report: --pred expects LABEL=MAP, got {item!r}")
         label, path = item.split("=", 1)
-        m, _ = read_mesh(path, BoxSize=box, Nmesh=ref.shape)
+        m, mattrs = read_mesh(path)
+        check_map_values(m, f"map {path}", args.allow_negative)
+        check_same_box(rattrs, f"map {args.ref}", mattrs, f"map {path}")
+        preds.append((label, m))
+    results, figs = {}, []
+    for label, m in preds:
         results[label] = figures_of_merit(m, ref, box)
         figs.append(
             (

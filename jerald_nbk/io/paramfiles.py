@@ -166,10 +166,17 @@ def load_params(path):
         raise FileNotFoundError(f"parameter file {path} does not exist") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"parameter file {path}: not valid JSON ({err})") from None
+    except (UnicodeDecodeError, IsADirectoryError) as err:
+        raise ValueError(f"parameter file {path}: not a JSON text file ({err})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"parameter file {path}: expected a JSON object, found {doc!r:.60}")
     if doc.get("format") != FORMAT:
         raise ValueError(
             f"parameter file {path}: format {doc.get('format')!r}, expected {FORMAT!r}"
         )
+    from ..train.validate import check_param_doc
+
+    check_param_doc(doc, path)
     try:
         config = StageConfig(**doc["config"])
     except (KeyError, TypeError) as err:

@@ -138,3 +138,121 @@ def _fmt(v) -> str:
 def _local_real_shape(pm) -> tuple:
     i, j, l = pm.mesh_index()
     return tuple(np.broadcast_shapes(np.shape(i), np.shape(j), np.shape(l)))
+
+
+def check_param_doc(doc, path) -> None:
+    """The shape of a JSON parameter file's document, before anything is built from it.
+
+    Parameters
+    ----------
+    doc : object
+        The parsed JSON.
+    path : path-like
+        The file, for messages.
+
+    Raises
+    ------
+    ValueError
+        Naming the file, the field, what was expected and what was found: a document that is not
+        an object, a ``config`` block that is not an object or has a field of the wrong type or
+        value, a ``parameters`` entry that is not an object with a string ``name`` and a finite
+        number ``value``.
+    """
+    where = f"parameter file {path}"
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where}: expected a JSON object, found a {_json_type(doc)}")
+    cfg = doc.get("config")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: field 'config': expected an object, found {_json_type(cfg)}")
+    checks = {
+        "target": (lambda v: v in ("dm", "stellar", "hi"), "one of 'dm', 'stellar', 'hi'"),
+        "n_layers": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "gradient_order": (
+            lambda v: v in (4, 6, "exact") and not isinstance(v, bool),
+            "4, 6 or 'exact'",
+        ),
+        "hi_shift": (lambda v: isinstance(v, bool), "true or false"),
+        "green": (lambda v: v in (None, "dm", "sm"), "null, 'dm' or 'sm'"),
+        "amplitude": (lambda v: _is_number(v) and np.isfinite(v) and v > 0, "a number > 0"),
+    }
+    for key, (ok, want) in checks.items():
+        if key in cfg and not ok(cfg[key]):
+            raise ValueError(f"{where}: field 'config.{key}': expected {want}, found {cfg[key]!r}")
+    params = doc.get("parameters")
+    if not isinstance(params, list):
+        raise ValueError(
+            f"{where}: field 'parameters': expected a list, found {_json_type(params)}"
+        )
+    for i, p in enumerate(params):
+        field = f"parameters[{i}]"
+        if not isinstance(p, dict):
+            raise ValueError(f"{where}: field '{field}': expected an object, found {p!r}")
+        if not isinstance(p.get("name"), str):
+            raise ValueError(
+                f"{where}: field '{field}.name': expected a string, found {p.get('name')!r}"
+            )
+        if "value" not in p:
+            raise ValueError(
+                f"{where}: field '{field}' ({p['name']}): expected a 'value', found none"
+            )
+        v = p["value"]
+        if not (_is_number(v) and np.isfinite(v)):
+            raise ValueError(
+                f"{where}: field '{field}.value' ({p['name']}): expected a finite number, found {v!r}"
+            )
+    prov = doc.get("provenance", {})
+    if not isinstance(prov, dict):
+        raise ValueError(
+            f"{where}: field 'provenance': expected an object, found {_json_type(prov)}"
+        )
+
+
+def check_map_values(arr, where: str, allow_negative: bool = False) -> None:
+    """A map for spectra and figures of merit: 3-D, finite and (unless allowed) >= 0.
+
+    Parameters
+    ----------
+    arr : array
+        The whole mesh.
+    where : str
+        The file, for messages.
+    allow_negative : bool
+        Accept negative cells (a map of delta rather than 1 + delta or a mass).
+
+    Raises
+    ------
+    ValueError
+        Naming the file, with the count of bad cells and the first one.
+    """
+    a = np.asarray(arr)
+    if a.ndim != 3:
+        raise ValueError(f"{where}: expected a 3-D mesh, found shape {a.shape}")
+    bad = ~np.isfinite(a)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{where}: expected finite values, found {int(bad.sum())} NaN or inf cells "
+            f"(first at {first})"
+        )
+    neg = a < 0
+    if neg.any() and not allow_negative:
+        raise ValueError(
+            f"{where}: expected values >= 0 (1 + delta or a mass), found {int(neg.sum())} "
+            f"negative cells (min {float(a.min()):g}); pass --allow-negative for a map of delta"
+        )
+
+
+def _json_type(v) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    for t, n in names.items():
+        if isinstance(v, t):
+            return n if t is not list else f"list of {len(v)}"
+    return "number" if _is_number(v) else type(v).__name__
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
