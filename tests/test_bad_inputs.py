@@ -67,11 +67,14 @@ def inputs(tmp_path_factory):
     write_catalog(d / "cat_units", {"Position": units}, attrs)
     # parameter files
     (d / "params_list.json").write_text("[1, 2, 3]")
+    head = {"format": "jerald-nbk-params", "format_version": 1}
     (d / "params_novalue.json").write_text(
-        json.dumps({"format": "jerald-nbk-params", "target": "dm", "params": {"alpha": {}}})
+        json.dumps(
+            {**head, "config": {"target": "dm", "n_layers": 1}, "parameters": [{"name": "a"}]}
+        )
     )
     (d / "params_strlayers.json").write_text(
-        json.dumps({"target": "dm", "n_layers": "two", "params": []})
+        json.dumps({**head, "config": {"target": "dm", "n_layers": "two"}, "parameters": []})
     )
     # configs
     (d / "steps_float.json").write_text(json.dumps({"steps": 2.7}))
@@ -87,9 +90,164 @@ def inputs(tmp_path_factory):
     negm[4]["Masses"][3] = -1.0
     write_snapshot(d / "snap_negmass", negm)
     farp = particles()
-    farp[4]["Coordinates"][:7] = 1e9  # kpc/h: 1e6 Mpc/h in a 25 Mpc/h box
+    farp[4]["Coordinates"][:7] += 3 * 25000.0  # three box lengths away: wrapped, with a warning
     write_snapshot(d / "snap_far", farp)
+    unitp = particles()
+    unitp[4]["Coordinates"][:7] = 1e9  # kpc/h: 1e6 Mpc/h in a 25 Mpc/h box
+    write_snapshot(d / "snap_units", unitp)
     return d
+
+
+#: (id, command, arguments ({d}: the inputs, {out}: --out), exit status, text stderr must hold)
+CASES = [
+    # parameter files of any malformed shape
+    (
+        "params-list",
+        "paint",
+        "--particles {d}/cat --dm-params {d}/params_list.json",
+        1,
+        "params_list.json",
+    ),
+    (
+        "params-no-value",
+        "paint",
+        "--particles {d}/cat --dm-params {d}/params_novalue.json",
+        1,
+        "'value'",
+    ),
+    (
+        "params-n-layers-str",
+        "paint",
+        "--particles {d}/cat --dm-params {d}/params_strlayers.json",
+        1,
+        "config.n_layers",
+    ),
+    (
+        "params-missing",
+        "paint",
+        "--particles {d}/cat --dm-params {d}/nothing.json",
+        1,
+        "nothing.json",
+    ),
+    # option values of the wrong type or sign
+    (
+        "steps-negative",
+        "train",
+        "--target dm --particles {d}/cat --target-map {d}/dm --steps -5",
+        1,
+        "--steps",
+    ),
+    (
+        "patience-negative",
+        "train",
+        "--target dm --particles {d}/cat --target-map {d}/dm --patience -2",
+        1,
+        "--patience",
+    ),
+    (
+        "eta0-negative",
+        "train",
+        "--target dm --particles {d}/cat --target-map {d}/dm --eta0 -1",
+        1,
+        "--eta0",
+    ),
+    (
+        "config-steps-float",
+        "train",
+        "--config {d}/steps_float.json --target dm --particles {d}/cat --target-map {d}/dm",
+        1,
+        "steps_float.json",
+    ),
+    (
+        "config-steps-str",
+        "train",
+        "--config {d}/steps_str.toml --target dm --particles {d}/cat --target-map {d}/dm",
+        1,
+        "steps_str.toml",
+    ),
+    ("nmesh-zero", "make-target", "{d}/snap/snap_033.hdf5 --field dm --Nmesh 0", 1, "--Nmesh"),
+    # maps
+    ("train-2d-map", "train", "--target dm --particles {d}/cat --target-map {d}/map2d", 1, "map2d"),
+    (
+        "train-box-mismatch",
+        "train",
+        "--target dm --particles {d}/cat --target-map {d}/dm_box25",
+        1,
+        "BoxSize",
+    ),
+    ("power-nan", "power", "{d}/dm_nan.npy", 1, "dm_nan.npy"),
+    ("power-inf", "power", "{d}/dm {d}/dm_inf.npy", 1, "dm_inf.npy"),
+    ("power-negative", "power", "{d}/dm_neg.npy", 1, "dm_neg.npy"),
+    ("power-box-mismatch", "power", "{d}/dm {d}/dm_box25", 1, "dm_box25"),
+    ("power-nmesh-mismatch", "power", "{d}/dm {d}/dm_n8", 1, "dm_n8"),
+    ("report-nan", "report", "--ref {d}/dm --pred a={d}/dm_nan.npy", 1, "dm_nan.npy"),
+    ("report-nan-ref", "report", "--ref {d}/dm_inf.npy --pred a={d}/dm2", 1, "dm_inf.npy"),
+    ("report-box-mismatch", "report", "--ref {d}/dm --pred a={d}/dm_box25", 1, "dm_box25"),
+    # positions and masses
+    (
+        "positions-units",
+        "train",
+        "--target dm --particles {d}/cat_units --target-map {d}/dm --steps 1",
+        1,
+        "cat_units",
+    ),
+    (
+        "snapshot-units",
+        "make-target",
+        "{d}/snap_units.hdf5 --field stellar --Nmesh 16",
+        1,
+        "snap_units.hdf5",
+    ),
+    (
+        "snapshot-negative-mass",
+        "make-target",
+        "{d}/snap_negmass.hdf5 --field stellar --Nmesh 16",
+        1,
+        "snap_negmass.hdf5",
+    ),
+    ("snapshot-missing", "make-target", "{d}/snap/none.hdf5 --field dm --Nmesh 16", 1, "none.hdf5"),
+    # clean: these run and write --out
+    ("clean-power", "power", "{d}/dm {d}/dm2", 0, ""),
+    ("clean-power-negative-allowed", "power", "{d}/dm_neg.npy --allow-negative", 0, ""),
+    ("clean-report", "report", "--ref {d}/dm --pred a={d}/dm2", 0, ""),
+    (
+        "clean-make-target",
+        "make-target",
+        "{d}/snap/snap_033.hdf5 --field stellar --Nmesh 16",
+        0,
+        "",
+    ),
+    (
+        "clean-snapshot-far-warns",
+        "make-target",
+        "{d}/snap_far.hdf5 --field stellar --Nmesh 16",
+        0,
+        "more than one box length",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "arguments", "status", "names"),
+    [pytest.param(*c[1:], id=c[0]) for c in CASES],
+)
+def test_bad_input_table(inputs, tmp_path, command, arguments, status, names):
+    """Exit status, a message naming the file, no traceback, nothing changed outside --out."""
+    out = tmp_path / "out"
+    before = _tree(inputs)
+    args = arguments.format(d=inputs).split()
+    res = run("jerald", command, *args, "--out", out, ok=False)
+    assert res.returncode == status, f"{res.stdout}\n{res.stderr}"
+    assert "Traceback" not in res.stderr, res.stderr
+    assert names in res.stderr, res.stderr
+    assert _tree(inputs) == before  # nothing outside --out changed
+    if status:
+        assert "error" in res.stderr or "expected" in res.stderr
+        # nothing partial left: no --out, and no temporary sibling of it
+        assert not out.exists(), sorted(os.listdir(tmp_path))
+        assert sorted(os.listdir(tmp_path)) == []
+    else:
+        assert out.exists()
 
 
 # ------------------------------------------------------------------ make-target from the shell
