@@ -647,6 +647,10 @@ def _train(args) -> int:
     return 0
 
 
+#: units of the maps ``jerald paint`` writes (the stellar and HI maps have their targets' units)
+MAP_UNITS = {"dm": "1+delta (DM mass)"}
+
+
 def cmd_paint(args) -> int:
     from .. import workflow as wf
     from ..io import write_catalog, write_mesh
@@ -694,13 +698,26 @@ def cmd_paint(args) -> int:
         "dm_params": args.dm_params,
         "stellar_params": args.stellar_params,
         "hi_params": args.hi_params,
+        "model": "JERALD (jerald_nbk)",
+        "command": " ".join(sys.argv),
     }
+    # what nbodykit users look for, when the catalog or the parameter file records it
+    for key in ("redshift", "Time", "cosmology", "Om0"):
+        if key in cattrs:
+            attrs[key] = cattrs[key]
+        elif key in prov and prov[key] is not None:
+            attrs[key] = prov[key]
     for name, local in pipe_maps.items():
         full = wf.to_global(pm, local)
         with root_only(pm.comm, f"writing {out / name}") as root:
             if root:
+                units = MAP_UNITS.get(name, "map units of the target it was trained on")
                 write_mesh(
-                    out / name, full, pm.BoxSize, attrs | {"map": name}, overwrite=args.overwrite
+                    out / name,
+                    full,
+                    pm.BoxSize,
+                    attrs | {"map": name, "units": units, "BoxSize_units": "Mpc/h"},
+                    overwrite=args.overwrite,
                 )
                 print(f"[jerald] {name} map: {out / name}")
     if args.save_particles:
