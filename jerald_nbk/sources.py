@@ -154,7 +154,7 @@ class _StageSpec:
             )
 
     def _load_plaintext(self, flavour, layers) -> None:
-        from .io.paramfiles import infer_ref_layers, is_ref_optstate, load_plaintext
+        from .io.paramfiles import infer_ref_layers, is_ref_optstate, load_plaintext, plain_length
         from .model.pipeline import StageConfig
 
         path = self.path
@@ -169,12 +169,7 @@ class _StageSpec:
                 f"parameter file {path} is a JERALD optimiser-state file: pass the "
                 "..._bestparam.txt file written next to it"
             )
-        try:
-            n_values = np.atleast_1d(np.loadtxt(path, dtype=float)).size
-        except ValueError as err:
-            raise ValueError(
-                f"parameter file {path}: not a plain-text list of numbers ({err})"
-            ) from None
+        n_values = plain_length(path)
         # LDL's DM (5 S) and stellar (5 S + 3) lengths are the JERALD reference's: one rule
         inferred, shift = infer_ref_layers(n_values, self.what, path)
         if layers is not None and int(layers) != inferred:

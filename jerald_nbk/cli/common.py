@@ -160,7 +160,7 @@ def load_plain_or_json(path, target: str, flavour: str, pm, order, green=None, n
     raw : numpy array
     """
     from .. import workflow as wf
-    from ..io.paramfiles import load_plaintext
+    from ..io.paramfiles import load_plaintext, plain_length
     from ..model.pipeline import Stage, StageConfig
 
     path = Path(path)
@@ -168,12 +168,7 @@ def load_plain_or_json(path, target: str, flavour: str, pm, order, green=None, n
         return wf.load_stage(path, pm, target)
     if not path.exists():
         raise FileNotFoundError(f"parameter file {path} does not exist")
-    try:
-        n_values = np.atleast_1d(np.loadtxt(path, dtype=float)).size
-    except ValueError as err:
-        raise ValueError(
-            f"parameter file {path}: not a plain-text list of numbers ({err})"
-        ) from None
+    n_values = plain_length(path)
     layers, shift = infer_layers(n_values, target, path)
     if nstep is not None and layers != nstep:
         per = {"dm": "5*Nstep", "stellar": "5*Nstep + 3", "hi": "10*Nstep + 11 (or + 12)"}[target]

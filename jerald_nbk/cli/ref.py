@@ -219,7 +219,7 @@ def load_ref_stage(path, target: str, pm, order, nstep=None):
     raw : numpy array
     """
     from .. import workflow as wf
-    from ..io.paramfiles import infer_ref_layers, is_ref_optstate, load_plaintext
+    from ..io.paramfiles import infer_ref_layers, is_ref_optstate, load_plaintext, plain_length
     from ..model.pipeline import Stage, StageConfig
 
     path = Path(path)
@@ -232,12 +232,7 @@ def load_ref_stage(path, target: str, pm, order, nstep=None):
         if state.raw is None:
             raise ValueError(f"optimiser-state file {path} has no 'params' section to evaluate")
         return stage, state.raw
-    try:
-        n_values = np.atleast_1d(np.loadtxt(path, dtype=float)).size
-    except ValueError as err:
-        raise ValueError(
-            f"parameter file {path}: not a plain-text list of numbers ({err})"
-        ) from None
+    n_values = plain_length(path)
     layers, shift = infer_ref_layers(n_values, target, path)
     if nstep is not None and layers != nstep:
         raise _nstep_mismatch(path, n_values, layers, nstep, target)

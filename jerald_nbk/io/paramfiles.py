@@ -673,6 +673,23 @@ def ref_optstate_from_optax(opt_state, lr: float | None = None, raw=None) -> Ref
 # -- helpers ---------------------------------------------------------------------------------------
 
 
+def plain_length(path) -> int:
+    """Number of values in a plain-text parameter file (``np.savetxt`` layout, one a line).
+
+    Raises FileNotFoundError or a ValueError naming the file when it is missing or holds anything
+    but numbers; the length then says how many layers the file's model has.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"parameter file {path} does not exist")
+    try:
+        return int(np.atleast_1d(np.loadtxt(path, dtype=float)).size)
+    except ValueError as err:
+        raise ValueError(
+            f"parameter file {path}: not a plain-text list of numbers ({err})"
+        ) from None
+
+
 def _table(config) -> ParamTable:
     return table_for(config)
 
