@@ -681,6 +681,9 @@ def abort(comm, message: str, code: int = 1) -> None:
     for lock in list(_PENDING_LOCKS):  # this run's: its holder (rank 0) is about to be ended
         with contextlib.suppress(OSError):
             os.unlink(lock)
+    # MPI_Abort makes mpiexec kill every process at once; give its proxy a moment to forward
+    # this rank's stderr first (under load the message was sometimes lost)
+    time.sleep(0.5)
     comm.Abort(code or 1)
 
 
