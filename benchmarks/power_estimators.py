@@ -51,11 +51,11 @@ def _median(fn, reps: int, warmup: int = 1) -> float:
 
 def test_field(n: int, seed: int = 0, box: float = BOX) -> np.ndarray:
     """A float32 ``1 + delta`` mesh of ``n^3`` cells: CIC paint of Zel'dovich particles."""
-    from jerald_nbk.pm import JaxPM
+    from jerald_nbk.pm import JaxEngine
     from jerald_nbk.testing import zeldovich_particles
 
     pos = zeldovich_particles(n, box, seed=seed, rms_disp=0.5)
-    return np.asarray(JaxPM(n, box).density(pos), dtype=np.float32)
+    return np.asarray(JaxEngine(n, box).density(pos), dtype=np.float32)
 
 
 def nbodykit_power(field, box, second=None, comm=None):

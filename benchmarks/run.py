@@ -84,7 +84,7 @@ def pm_core_records(n: int, reps: int, box: float = 100.0) -> list[dict]:
     from pmesh.pm import ParticleMesh
 
     from jerald_nbk.model import layers
-    from jerald_nbk.pm import JaxPM
+    from jerald_nbk.pm import JaxEngine
     from jerald_nbk.pm.jax_backend import num_threads
     from jerald_nbk.testing import zeldovich_particles
 
@@ -104,7 +104,7 @@ def pm_core_records(n: int, reps: int, box: float = 100.0) -> list[dict]:
     out = []
     base = {"N": n, "ranks": 1, "threads": num_threads()}
     for kernel in ("cpp", "jax"):
-        pm = JaxPM(n, box, kernel=kernel)
+        pm = JaxEngine(n, box, kernel=kernel)
         paint = jax.jit(pm.paint)
         readout = jax.jit(pm.readout)
         t_p = median_time(lambda paint=paint: _block(paint(pos)), reps)
@@ -201,7 +201,7 @@ def training_records(n: int, reps: int, backends: list[str], box: float = 100.0)
     import jax.numpy as jnp
 
     from benchmarks.baseline import NumpyPmeshDMLayer
-    from jerald_nbk.pm import JaxPM
+    from jerald_nbk.pm import JaxEngine
     from jerald_nbk.pm.jax_backend import num_threads
     from jerald_nbk.testing import zeldovich_particles
     from jerald_nbk.train.loss import split_masks
@@ -209,7 +209,7 @@ def training_records(n: int, reps: int, backends: list[str], box: float = 100.0)
     pos = zeldovich_particles(n, box, seed=0, rms_disp=1.0)
     mesh = np.random.default_rng(0).random((n, n, n)).astype(np.float32)
     t_fft = median_time(lambda: _block(jax.jit(jnp.fft.rfftn)(jnp.asarray(mesh))), reps)
-    jpm = JaxPM(n, box)
+    jpm = JaxEngine(n, box)
     target = np.asarray(jpm.density(pos)) * 1.1
     mask = np.asarray(split_masks(jpm)["train"])
     base = NumpyPmeshDMLayer(pos, target, mask, n, box, "f4")
@@ -285,13 +285,13 @@ def paint_many_records(
     import jax.numpy as jnp
 
     from jerald_nbk.model.pipeline import Pipeline, Stage, StageConfig
-    from jerald_nbk.pm import JaxPM
+    from jerald_nbk.pm import JaxEngine
     from jerald_nbk.pm.jax_backend import num_threads
     from jerald_nbk.testing import zeldovich_particles
 
     out = []
     for n in sizes:
-        pm = JaxPM(n, box)
+        pm = JaxEngine(n, box)
         stages = {t: Stage(pm, StageConfig(t, layers)) for t in ("dm", "stellar", "hi")}
         pipe = Pipeline(**{t: (s, jnp.asarray(s.table.init_raw())) for t, s in stages.items()})
         cats = [

@@ -36,14 +36,14 @@ def main(argv=None) -> int:
 
     from jerald_nbk.analysis.metrics import figures_of_merit
     from jerald_nbk.model.pipeline import Stage, StageConfig
-    from jerald_nbk.pm import JaxPM
+    from jerald_nbk.pm import JaxEngine
     from jerald_nbk.suite import build_suite
     from jerald_nbk.train.loop import Objective, train
     from jerald_nbk.train.loss import SELECTION_RULES, selection_score
     from jerald_nbk.workflow import paper_settings, read_map, read_particles
 
     z, target = 3.0, args.target
-    pm = JaxPM(64, 40.0)
+    pm = JaxEngine(64, 40.0)
     data = {}
     for s in SEEDS:
         paths = build_suite(Path(args.out) / f"suite_{s}", "demo", s, (z,), progress=False)

@@ -6,7 +6,7 @@ an expensive hydrodynamic simulation's: dark matter, stellar mass and neutral hy
 Layout (the pipeline, in order):
 
 * :mod:`jerald_nbk.pm` - particle-mesh operations with exact adjoints behind one interface
-  (``JaxPM``: one process, C++ CIC kernels via XLA FFI; ``PmeshPM``: MPI over pmesh);
+  (``JaxEngine``: one process, C++ CIC kernels via XLA FFI; ``PmeshEngine``: MPI over pmesh);
 * :mod:`jerald_nbk.model` - parameter tables, displacement layers, final transforms, the pipeline;
 * :mod:`jerald_nbk.train` - loss, splits, the eq-16 schedule, the Adam loop with checkpoints;
 * :mod:`jerald_nbk.analysis` - power spectra, r(k), figures of merit, plots, reports;
@@ -24,9 +24,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "JeraldCatalog": ("jerald_nbk.sources", "JeraldCatalog"),
     "JeraldMesh": ("jerald_nbk.sources", "JeraldMesh"),
+    "JaxEngine": ("jerald_nbk.pm", "JaxEngine"),
+    "PmeshEngine": ("jerald_nbk.pm", "PmeshEngine"),
+    "make_pm": ("jerald_nbk.pm", "make_pm"),
+    # deprecated names of the engines (DeprecationWarning from jerald_nbk.pm), for one release
     "JaxPM": ("jerald_nbk.pm", "JaxPM"),
     "PmeshPM": ("jerald_nbk.pm", "PmeshPM"),
-    "make_pm": ("jerald_nbk.pm", "make_pm"),
     "Stage": ("jerald_nbk.model.pipeline", "Stage"),
     "StageConfig": ("jerald_nbk.model.pipeline", "StageConfig"),
     "Pipeline": ("jerald_nbk.model.pipeline", "Pipeline"),

@@ -8,7 +8,7 @@
 
 Both work with the rest of nbodykit (``to_mesh``, ``FFTPower``, ``save``, ``apply``, ...). Under MPI
 (communicator with more than one rank) the model runs on the pmesh engine
-(:class:`jerald_nbk.pm.pmesh_backend.PmeshPM`): each rank displaces its own rows of the catalog and
+(:class:`jerald_nbk.pm.pmesh_backend.PmeshEngine`): each rank displaces its own rows of the catalog and
 holds one slab of the mesh, the same slab as nbodykit's own ``pm`` (checked; a different layout is
 redistributed). With one rank the single-process JAX engine runs.
 
@@ -206,7 +206,7 @@ class _StageSpec:
         if engine.comm is not None and engine.comm.size > 1 and pm.comm is None:
             raise ValueError(
                 f"{self.label} runs on the single-process engine {pm.name!r}, but the catalog is "
-                f"split over {engine.comm.size} ranks: build the stage on PmeshPM, or pass a "
+                f"split over {engine.comm.size} ranks: build the stage on PmeshEngine, or pass a "
                 "parameter file"
             )
         return self.stage, self.raw

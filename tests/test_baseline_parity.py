@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks.baseline import NumpyPmeshDMLayer
 from jerald_nbk.model.pipeline import Stage, StageConfig
-from jerald_nbk.pm import JaxPM
+from jerald_nbk.pm import JaxEngine
 from jerald_nbk.testing import zeldovich_particles
 from jerald_nbk.train.loss import masked_losses, split_masks
 
@@ -16,7 +16,7 @@ from jerald_nbk.train.loss import masked_losses, split_masks
 @pytest.mark.parametrize("phys", [(0.02, 0.8, 0.7, 5.0, -0.5), (-0.01, 1.3, 0.0, 2.0, -2.0)])
 def test_dm_layer_loss_and_gradient_match_numpy_pmesh(phys):
     n, box = 32, 25.0
-    pm = JaxPM(n, box, dtype="f8")
+    pm = JaxEngine(n, box, dtype="f8")
     pos = zeldovich_particles(n, box, seed=1, rms_disp=0.5, dtype=np.float64)
     target = np.asarray(pm.density(pos)) * 0.9 + 0.1
     stage = Stage(pm, StageConfig("dm", 1))

@@ -13,7 +13,7 @@ import pytest
 
 from jerald_nbk.model.composed import make_composed_stage
 from jerald_nbk.model.pipeline import Pipeline, Stage, StageConfig
-from jerald_nbk.pm import JaxPM
+from jerald_nbk.pm import JaxEngine
 from jerald_nbk.testing import zeldovich_particles
 from jerald_nbk.train import loop
 from jerald_nbk.train.loop import Objective, TrainConfig
@@ -44,10 +44,10 @@ def _raw(stage):
 
 
 def test_two_simulations_of_the_same_shapes_compile_once():
-    pm = JaxPM(N, L, dtype="f8")
+    pm = JaxEngine(N, L, dtype="f8")
     pos1, pos2 = _particles(1), _particles(2)
     stage1 = Stage(pm, StageConfig("dm", 1))
-    stage2 = Stage(JaxPM(N, L, dtype="f8"), StageConfig("dm", 1))  # another engine, same mesh
+    stage2 = Stage(JaxEngine(N, L, dtype="f8"), StageConfig("dm", 1))  # another engine, same mesh
     target1 = pm.density(_particles(3)) * 1.1
     target2 = pm.density(_particles(4)) * 0.9
     before = dict(loop.TRACES)
@@ -73,7 +73,7 @@ def test_two_simulations_of_the_same_shapes_compile_once():
 
 
 def test_other_shapes_or_configurations_compile_again():
-    pm = JaxPM(N, L, dtype="f8")
+    pm = JaxEngine(N, L, dtype="f8")
     stage = Stage(pm, StageConfig("dm", 1))
     target = pm.density(_particles(3))
     raw = _raw(stage)
@@ -90,7 +90,7 @@ def test_other_shapes_or_configurations_compile_again():
 
 
 def test_hi_stage_takes_its_stellar_map_as_an_argument():
-    pm = JaxPM(N, L, dtype="f8")
+    pm = JaxEngine(N, L, dtype="f8")
     stage = Stage(pm, StageConfig("hi", 1))
     pos = _particles(1)
     star1 = pm.density(_particles(5)) + 0.1
@@ -110,7 +110,7 @@ def test_hi_stage_takes_its_stellar_map_as_an_argument():
 
 
 def test_composed_model_field2_is_an_argument():
-    pm = JaxPM(N, L, dtype="f8")
+    pm = JaxEngine(N, L, dtype="f8")
     cfg = StageConfig("stellar", 1)
     pos = _particles(1)
     target = pm.density(_particles(3))
@@ -131,7 +131,7 @@ def test_composed_model_field2_is_an_argument():
 
 
 def test_remat_gives_the_same_losses_and_gradient():
-    pm = JaxPM(N, L, dtype="f8")
+    pm = JaxEngine(N, L, dtype="f8")
     pos, target = _particles(1), pm.density(_particles(3))
     res = []
     for remat in (False, True):
@@ -143,7 +143,7 @@ def test_remat_gives_the_same_losses_and_gradient():
 
 
 def test_pipeline_maps_many_compiles_once_and_matches_maps():
-    pm = JaxPM(N, L, dtype="f8")
+    pm = JaxEngine(N, L, dtype="f8")
     dm = Stage(pm, StageConfig("dm", 1))
     st = Stage(pm, StageConfig("stellar", 1))
     hi = Stage(pm, StageConfig("hi", 1))
@@ -163,7 +163,7 @@ def test_pipeline_maps_many_compiles_once_and_matches_maps():
             np.testing.assert_allclose(np.asarray(maps[k]), np.asarray(ref[k]), rtol=1e-9)
     assert not np.allclose(np.asarray(got[0]["hi"]), np.asarray(got[1]["hi"]))
     # another pipeline of the same configuration (other parameters) shares the compiled function
-    other = Pipeline(dm=(Stage(JaxPM(N, L, dtype="f8"), StageConfig("dm", 1)), _raw(dm) * 0.5))
+    other = Pipeline(dm=(Stage(JaxEngine(N, L, dtype="f8"), StageConfig("dm", 1)), _raw(dm) * 0.5))
     fn = other.maps_function()
     next(other.maps_many([catalogs[0]]))
     assert fn._cache_size() == 1

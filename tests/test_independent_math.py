@@ -38,7 +38,7 @@ from independent_model import ReferenceModel, layer_names, param_names, split_ma
 
 from jerald_nbk.model import transforms
 from jerald_nbk.model.pipeline import Stage, StageConfig
-from jerald_nbk.pm import JaxPM, make_pm
+from jerald_nbk.pm import JaxEngine, make_pm
 from jerald_nbk.testing import zeldovich_particles
 from jerald_nbk.train.loop import Objective, TrainConfig
 from jerald_nbk.train.loss import split_masks as pkg_split_masks
@@ -89,7 +89,7 @@ def data(ref):
 @pytest.fixture(scope="module")
 def engines():
     return {
-        "jax": JaxPM(N, L, dtype="f8"),
+        "jax": JaxEngine(N, L, dtype="f8"),
         "pmesh": make_pm(N, L, dtype="f8", backend="pmesh"),
     }
 

@@ -14,7 +14,7 @@ import pytest
 from jerald_nbk.io.paramfiles import load_params, load_plaintext, save_params, save_plaintext
 from jerald_nbk.model.params import ParamTable, table
 from jerald_nbk.model.pipeline import Pipeline, Stage, StageConfig
-from jerald_nbk.pm import JaxPM
+from jerald_nbk.pm import JaxEngine
 from jerald_nbk.testing import zeldovich_particles
 from jerald_nbk.train.loop import Objective, TrainConfig, train
 from jerald_nbk.train.loss import masked_losses, smoothing_filter, split_masks
@@ -25,7 +25,7 @@ N, L = 32, 25.0
 
 @pytest.fixture(scope="module")
 def pm64():
-    return JaxPM(N, L, dtype="f8")
+    return JaxEngine(N, L, dtype="f8")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from mpi4py import MPI
 
 from jerald_nbk.model.pipeline import Stage, StageConfig
-from jerald_nbk.pm import JaxPM, PmeshPM
+from jerald_nbk.pm import JaxEngine, PmeshEngine
 from jerald_nbk.testing import zeldovich_particles
 from jerald_nbk.train.loss import masked_losses, smoothing_filter, split_masks
 
@@ -50,7 +50,7 @@ def test_stage_loss_and_gradient_match_single_process(cfg, ranks):
     pos = zeldovich_particles(N, L, seed=5, rms_disp=0.6, dtype=np.float64)
     rng = np.random.default_rng(0)
     target = rng.uniform(0.0, 2.0, (N, N, N))
-    jp = JaxPM(N, L, dtype="f8")
+    jp = JaxEngine(N, L, dtype="f8")
     star_full = np.asarray(jp.density(pos)) * 0.5 + 0.1
     stage_j = Stage(jp, cfg)
     raw = stage_j.table.init_raw()
@@ -60,7 +60,7 @@ def test_stage_loss_and_gradient_match_single_process(cfg, ranks):
         jp, stage_j, jnp.asarray(pos), jnp.asarray(target), jnp.asarray(star_full), jnp.asarray(raw)
     )
 
-    pp = PmeshPM(N, L, dtype="f8", comm=COMM)
+    pp = PmeshEngine(N, L, dtype="f8", comm=COMM)
     mine = pos[COMM.rank :: COMM.size]  # any split of the particles over the ranks
     star = pp.to_local(star_full) if cfg.target == "hi" else None
     got = _loss_and_grad(

@@ -17,7 +17,7 @@ import pytest
 
 from jerald_nbk.model import transforms
 from jerald_nbk.model.pipeline import Stage, StageConfig
-from jerald_nbk.pm import JaxPM
+from jerald_nbk.pm import JaxEngine
 from jerald_nbk.pm.fourier import K0_VALUES
 from jerald_nbk.train.loop import Objective, TrainConfig, train
 
@@ -30,7 +30,7 @@ def smoke(smoke_suite):
     from jerald_nbk.workflow import read_map, read_particles
 
     paths = smoke_suite["paths"]
-    pm = JaxPM(32, 25.0, dtype="f8")
+    pm = JaxEngine(32, 25.0, dtype="f8")
     pos, _ = read_particles(paths["fastpm_z2"], pm)
     maps = {t: read_map(paths[f"truth_{t}_z2"], pm)[0] for t in ("dm", "stellar", "hi")}
     return pm, jnp.asarray(pos, dtype=jnp.float64), maps
@@ -160,7 +160,7 @@ def test_corners_of_the_bounds_give_finite_maps_losses_and_gradients(smoke, case
 
 
 def test_depletion_filter_at_k0_is_xi_and_never_overflows():
-    pm = JaxPM(16, 10.0, dtype="f8")
+    pm = JaxEngine(16, 10.0, dtype="f8")
     # kIh -> 0 with nuI < 0: a floored k (1e-8) would give (1e-8)^-4.5 = 1e36 at k = 0
     O = np.asarray(transforms.filter_OI(pm, 0.0, 8.0, -4.5, 0.25))
     assert np.all(np.isfinite(O))

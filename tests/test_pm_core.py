@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jerald_nbk import _cic
-from jerald_nbk.pm import JaxPM, fourier
+from jerald_nbk.pm import JaxEngine, fourier
 from jerald_nbk.pm.jax_backend import set_num_threads
 
 KERNELS = ["cpp", "jax"]
@@ -32,7 +32,7 @@ def away_from_faces(pos, pm, margin=1e-3):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_single_particle_weights(kernel):
-    pm = JaxPM(8, 8.0, dtype="f8", kernel=kernel)  # 1 Mpc/h cells
+    pm = JaxEngine(8, 8.0, dtype="f8", kernel=kernel)  # 1 Mpc/h cells
     x = np.array([[2.25, 7.5, 0.75]])  # fractions 0.25, 0.5, 0.75; the y pair wraps 7 -> 0
     mesh = np.asarray(pm.paint(x, np.array([2.0])))
     expect = np.zeros((8, 8, 8))
@@ -61,7 +61,7 @@ def test_cpp_extension_numpy_entry_points():
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("nmesh,box", [(16, 50.0), ((16, 12, 20), (40.0, 30.0, 55.0))])
 def test_mass_conservation_and_wrapping(kernel, nmesh, box):
-    pm = JaxPM(nmesh, box, dtype="f8", kernel=kernel)
+    pm = JaxEngine(nmesh, box, dtype="f8", kernel=kernel)
     pos = random_particles(5000, box)
     m = np.random.default_rng(1).uniform(0.5, 2.0, 5000)
     mesh = pm.paint(pos, m)
@@ -76,7 +76,7 @@ def test_mass_conservation_and_wrapping(kernel, nmesh, box):
 @pytest.mark.parametrize("channels", [None, 3])
 def test_adjoint_identity(kernel, channels):
     # <paint(x, m), f> = <m, readout(f, x)> for any m, f: readout is paint's exact adjoint.
-    pm = JaxPM((12, 16, 10), (30.0, 40.0, 25.0), dtype="f8", kernel=kernel)
+    pm = JaxEngine((12, 16, 10), (30.0, 40.0, 25.0), dtype="f8", kernel=kernel)
     rng = np.random.default_rng(2)
     pos = random_particles(3000, pm.BoxSize)
     shape = (3000,) if channels is None else (3000, channels)
@@ -89,8 +89,8 @@ def test_adjoint_identity(kernel, channels):
 
 @pytest.mark.parametrize("dtype,rtol", [("f4", 1e-5), ("f8", 1e-12)])
 def test_cpp_matches_pure_jax(dtype, rtol):
-    cpp = JaxPM((16, 12, 20), (40.0, 30.0, 55.0), dtype=dtype, kernel="cpp")
-    ref = JaxPM((16, 12, 20), (40.0, 30.0, 55.0), dtype=dtype, kernel="jax", chunk=777)
+    cpp = JaxEngine((16, 12, 20), (40.0, 30.0, 55.0), dtype=dtype, kernel="cpp")
+    ref = JaxEngine((16, 12, 20), (40.0, 30.0, 55.0), dtype=dtype, kernel="jax", chunk=777)
     pos = random_particles(20000, cpp.BoxSize, dtype=np.dtype(dtype))
     rng = np.random.default_rng(3)
     m = rng.uniform(0, 1, (20000, 2)).astype(dtype)
@@ -105,7 +105,7 @@ def test_cpp_matches_pure_jax(dtype, rtol):
 
 
 def test_paint_independent_of_thread_count():
-    pm = JaxPM(32, 100.0, kernel="cpp")
+    pm = JaxEngine(32, 100.0, kernel="cpp")
     pos = random_particles(100000, 100.0, dtype=np.float32)
     try:
         set_num_threads(1)
@@ -119,7 +119,7 @@ def test_paint_independent_of_thread_count():
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_readout_gradient_matches_finite_differences(kernel):
-    pm = JaxPM((16, 12, 20), (40.0, 30.0, 55.0), dtype="f8", kernel=kernel)
+    pm = JaxEngine((16, 12, 20), (40.0, 30.0, 55.0), dtype="f8", kernel=kernel)
     rng = np.random.default_rng(4)
     f = rng.normal(size=pm.Nmesh)
     pos = random_particles(400, pm.BoxSize)
@@ -137,7 +137,7 @@ def test_readout_gradient_matches_finite_differences(kernel):
 def test_vjps_match_finite_differences(kernel):
     # A scalar through every differentiable input of paint, readout, r2c and c2r:
     # L = sum(readout(c2r(K r2c(paint(x, m))), x)^2) + <readout(g, x), m>.
-    pm = JaxPM((12, 10, 14), (30.0, 25.0, 35.0), dtype="f8", kernel=kernel)
+    pm = JaxEngine((12, 10, 14), (30.0, 25.0, 35.0), dtype="f8", kernel=kernel)
     rng = np.random.default_rng(5)
     pos = random_particles(300, pm.BoxSize)
     pos = pos[away_from_faces(pos, pm, 2e-3)]
@@ -165,7 +165,7 @@ def test_vjps_match_finite_differences(kernel):
 
 
 def test_fft_normalisation_and_round_trip():
-    pm = JaxPM((16, 12, 20), (40.0, 30.0, 55.0), dtype="f8")
+    pm = JaxEngine((16, 12, 20), (40.0, 30.0, 55.0), dtype="f8")
     f = jnp.asarray(np.random.default_rng(7).normal(size=pm.Nmesh)) + 3.0
     fk = pm.r2c(f)
     assert fk.shape == (16, 12, 11)
@@ -177,7 +177,7 @@ def test_fft_normalisation_and_round_trip():
 def test_plane_wave_gradient(order, tol):
     # f = sin(k x) with k = 2 pi m / L: r2c puts -i/2 at +m; the gradient is k cos(k x) up to the
     # finite-difference error of order (k H)^order.
-    pm = JaxPM((32, 8, 8), (64.0, 16.0, 16.0), dtype="f8")
+    pm = JaxEngine((32, 8, 8), (64.0, 16.0, 16.0), dtype="f8")
     m = 2
     kx = 2 * np.pi * m / 64.0
     x = (np.arange(32) * 2.0).reshape(-1, 1, 1)
@@ -200,14 +200,14 @@ def test_gradient_kernels_tend_to_ik():
 
 def test_readout_interpolates_linearly():
     # Readout of a field linear in x (within one period) between two cell centres is linear.
-    pm = JaxPM((8, 4, 4), (8.0, 4.0, 4.0), dtype="f8")
+    pm = JaxEngine((8, 4, 4), (8.0, 4.0, 4.0), dtype="f8")
     f = np.broadcast_to(np.arange(8.0).reshape(-1, 1, 1), pm.Nmesh)
     x = np.array([[2.0, 1.0, 1.0], [2.3, 1.5, 2.5], [5.75, 0.2, 3.9]])
     np.testing.assert_allclose(pm.readout(f, x), [2.0, 2.3, 5.75], rtol=1e-14)
 
 
 def test_paint_and_readout_inside_jit():
-    pm = JaxPM(16, 20.0, dtype="f4")
+    pm = JaxEngine(16, 20.0, dtype="f4")
     pos = random_particles(1000, 20.0, dtype=np.float32)
     pos = pos[away_from_faces(pos, pm, 1e-2)]
 
@@ -221,7 +221,7 @@ def test_paint_and_readout_inside_jit():
     # the jitted float32 gradient (both paths: paint's and readout's position cotangents) against
     # a float64 central difference along a random direction
     grad = np.asarray(jax.jit(jax.grad(f))(jnp.asarray(pos)), np.float64)
-    pm8 = JaxPM(16, 20.0, dtype="f8")
+    pm8 = JaxEngine(16, 20.0, dtype="f8")
     x8 = pos.astype(np.float64)
     d = np.random.default_rng(8).normal(size=x8.shape)
     h = 1e-5  # Mpc/h: the particles stay >= 1e-2 cells (0.0125 Mpc/h) from every face
@@ -234,7 +234,7 @@ def test_paint_and_readout_inside_jit():
 
 
 def test_bad_inputs():
-    pm = JaxPM(8, 10.0)
+    pm = JaxEngine(8, 10.0)
     with pytest.raises(ValueError, match=r"shape \(N, 3\)"):
         pm.paint(np.zeros((5, 2)))
     with pytest.raises(ValueError, match="3 entries for 5 particles"):
@@ -242,18 +242,31 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="Nmesh"):
         pm.readout(np.zeros((4, 4, 4)), np.zeros((5, 3)))
     with pytest.raises(ValueError, match="BoxSize must be positive"):
-        JaxPM(8, -1.0)
+        JaxEngine(8, -1.0)
     with pytest.raises(ValueError, match="kernel"):
-        JaxPM(8, 1.0, kernel="gpu")
+        JaxEngine(8, 1.0, kernel="gpu")
 
 
 def test_readout_gradient_checks_the_mesh_shape():
-    pm = JaxPM(8, 10.0)
+    pm = JaxEngine(8, 10.0)
     with pytest.raises(ValueError, match="Nmesh"):
         pm.readout_gradient(np.zeros((4, 8, 8)), np.zeros((5, 3)))
 
 
 def test_scalar_mass_paints_like_a_constant_array():
-    pm = JaxPM(8, 10.0, dtype="f8")
+    pm = JaxEngine(8, 10.0, dtype="f8")
     pos = random_particles(100, 10.0)
     np.testing.assert_allclose(pm.paint(pos, 2.5), pm.paint(pos, np.full(100, 2.5)), rtol=1e-14)
+
+
+def test_first_release_engine_names_still_import_with_a_warning():
+    import jerald_nbk
+    from jerald_nbk import pm as pm_pkg
+
+    with pytest.warns(DeprecationWarning, match="renamed JaxEngine"):
+        old = pm_pkg.JaxPM
+    assert old is pm_pkg.JaxEngine
+    with pytest.warns(DeprecationWarning, match="renamed JaxEngine"):
+        assert jerald_nbk.JaxPM is pm_pkg.JaxEngine
+    with pytest.warns(DeprecationWarning, match="renamed PmeshEngine"):
+        assert pm_pkg.PmeshPM is pm_pkg.PmeshEngine

@@ -3,11 +3,11 @@
 Every check runs on one process (``pytest``) and on several (``mpiexec -n 2 python -m pytest
 --with-mpi -m mpi``): the ``mpi`` variants split the particles over the ranks (rank r holds
 particles r, r + size, ...; one test puts them all on rank 0) and compare the distributed result,
-gathered, with :class:`JaxPM` on the whole catalog. A subprocess test runs 4 ranks.
+gathered, with :class:`JaxEngine` on the whole catalog. A subprocess test runs 4 ranks.
 
 Tolerances (relative to the largest magnitude of the reference):
 
-* float64 parity with JaxPM, adjoint identity, mass conservation: 1e-12 (summation order only);
+* float64 parity with JaxEngine, adjoint identity, mass conservation: 1e-12 (summation order only);
 * float64 finite differences (central, step 1e-4 Mpc/h, particles >= 1e-3 cells from faces): 1e-6;
 * float32 parity: 1e-5 (measured about 2e-7: summation order and the rounding of ``x * Nmesh / L``).
 
@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from jerald_nbk.pm import JaxPM, fourier
-from jerald_nbk.pm.pmesh_backend import PmeshPM
+from jerald_nbk.pm import JaxEngine, fourier
+from jerald_nbk.pm.pmesh_backend import PmeshEngine
 
 COMM = MPI.COMM_WORLD
 
@@ -74,7 +74,7 @@ def allgather_particles(local, n, comm=COMM):
 
 def engines(name, dtype):
     nmesh, box = MESHES[name]
-    return PmeshPM(nmesh, box, dtype=dtype), JaxPM(nmesh, box, dtype=dtype)
+    return PmeshEngine(nmesh, box, dtype=dtype), JaxEngine(nmesh, box, dtype=dtype)
 
 
 def relerr(a, b):
@@ -117,7 +117,7 @@ def test_kvec_and_mesh_index_match_global_grids(world, mesh):
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward parity with JaxPM: the distributed result, gathered, equals JaxPM on all particles.
+# Forward parity with JaxEngine: the distributed result, gathered, equals JaxEngine on all particles.
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -166,7 +166,7 @@ def test_fft_parity(world, dtype, mesh):
     ck1 = pp.r2c(pp.to_local(field[..., 1]))
     got_ck = pp.to_global(ck, "complex")
     got_ck1 = pp.to_global(ck1, "complex")
-    # c2r of JaxPM's spectrum, and of an arbitrary (not Hermitian) half-layout array: both FFT
+    # c2r of JaxEngine's spectrum, and of an arbitrary (not Hermitian) half-layout array: both FFT
     # libraries do the complex transforms first and the 1-D c2r along z last
     ref_ck = np.asarray(jp.r2c(field))
     noise = (rng.normal(size=ref_ck.shape) + 1j * rng.normal(size=ref_ck.shape)).astype(
@@ -234,7 +234,7 @@ def test_adjoint_identity_and_mass_conservation(world, dtype):
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("mesh", ["cubic", "noncubic", "odd"])
 def test_vjp_parity_each_operation(world, mesh):
-    # every backward rule against JaxPM's with random cotangents (complex ones not Hermitian)
+    # every backward rule against JaxEngine's with random cotangents (complex ones not Hermitian)
     pp, jp = engines(mesh, "f8")
     n = 2000
     pos, mass = catalog(n, pp.BoxSize, seed=9, nch=2)
@@ -371,8 +371,8 @@ def test_stack_proof_pmesh_paint_r2c_same_under_1_and_2_ranks():
     # Foundation issue: pmesh paint + r2c give the same field under 1 rank and under >= 2 ranks.
     nmesh, box = MESHES["noncubic"]
     pos, mass = catalog(3000, box, seed=14)
-    many = PmeshPM(nmesh, box, dtype="f8", comm=COMM)
-    one = PmeshPM(nmesh, box, dtype="f8", comm=MPI.COMM_SELF)  # every rank alone, all particles
+    many = PmeshEngine(nmesh, box, dtype="f8", comm=COMM)
+    one = PmeshEngine(nmesh, box, dtype="f8", comm=MPI.COMM_SELF)  # every rank alone, all particles
     dk_many = many.to_global(many.r2c(many.paint(mine(pos), mine(mass))), "complex")
     dk_one = np.asarray(one.r2c(one.paint(pos, mass)))
     assert many.describe()["ranks"] == COMM.size and one.describe()["ranks"] == 1
@@ -380,7 +380,7 @@ def test_stack_proof_pmesh_paint_r2c_same_under_1_and_2_ranks():
 
 
 def test_serial_engine_details():
-    pp = PmeshPM((16, 12, 20), (100.0, 80.0, 120.0), dtype="f4", comm=MPI.COMM_SELF)
+    pp = PmeshEngine((16, 12, 20), (100.0, 80.0, 120.0), dtype="f4", comm=MPI.COMM_SELF)
     desc = pp.describe()
     fn = lambda x: x  # noqa: E731
     assert pp.jit(fn) is fn

@@ -28,7 +28,7 @@ from jerald_nbk.io.paramfiles import (
 )
 from jerald_nbk.model.params import ParamTable, table
 from jerald_nbk.model.pipeline import Stage, StageConfig
-from jerald_nbk.pm import JaxPM
+from jerald_nbk.pm import JaxEngine
 from jerald_nbk.testing import zeldovich_particles
 from jerald_nbk.train.loop import Objective, TrainConfig, train
 from jerald_nbk.train.schedule import paper_schedule
@@ -111,7 +111,7 @@ CASES = [("dm", 1), ("dm", 2), ("stellar", 0), ("stellar", 2), ("hi", 0), ("hi",
 
 @pytest.fixture(scope="module")
 def pm():
-    return JaxPM(N, L, dtype="f8")
+    return JaxEngine(N, L, dtype="f8")
 
 
 @pytest.fixture(scope="module")
@@ -461,7 +461,7 @@ def cli_inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("ref_inputs")
     p = zeldovich_particles(N, L, seed=1)
     write_catalog(d / "cat", {"Position": p}, {"BoxSize": L, "redshift": 2.0})
-    dm = np.asarray(JaxPM(N, L, dtype="f8").density(jnp.asarray(p, dtype=jnp.float64)))
+    dm = np.asarray(JaxEngine(N, L, dtype="f8").density(jnp.asarray(p, dtype=jnp.float64)))
     write_mesh(d / "dm", (dm**1.1).astype("f4"), L)
     return d
 

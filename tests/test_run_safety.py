@@ -25,7 +25,7 @@ import pytest
 from jerald_nbk.io import read_mesh, write_catalog, write_mesh
 from jerald_nbk.io.paramfiles import save_params
 from jerald_nbk.model.pipeline import Stage, StageConfig
-from jerald_nbk.pm import JaxPM
+from jerald_nbk.pm import JaxEngine
 from jerald_nbk.testing import zeldovich_particles
 from jerald_nbk.train.loop import (
     Objective,
@@ -50,7 +50,7 @@ N, L = 16, 20.0
 
 @pytest.fixture(scope="module")
 def pm():
-    return JaxPM(N, L, dtype="f8")
+    return JaxEngine(N, L, dtype="f8")
 
 
 @pytest.fixture(scope="module")

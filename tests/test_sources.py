@@ -25,7 +25,7 @@ from jerald_nbk.analysis import power_spectrum
 from jerald_nbk.io.paramfiles import save_params
 from jerald_nbk.model.params import ParamTable, table
 from jerald_nbk.model.pipeline import Pipeline, Stage, StageConfig
-from jerald_nbk.pm import JaxPM
+from jerald_nbk.pm import JaxEngine
 from jerald_nbk.testing import zeldovich_particles
 
 nbodykit_lab = pytest.importorskip("nbodykit.lab")
@@ -91,7 +91,7 @@ def local_catalog(pos, comm, **attrs):
 
 
 def reference_pipeline(targets=("dm", "stellar", "hi")):
-    pm = JaxPM(NMESH, BOX)
+    pm = JaxEngine(NMESH, BOX)
     return Pipeline(**{t: (Stage(pm, CONFIGS[t]), raw_params(t)) for t in targets})
 
 
@@ -133,7 +133,7 @@ def test_catalog_to_mesh_fftpower_save(param_files, particles, tmp_path):
     cat = JeraldCatalog(serial_catalog(particles, BoxSize=BOX), param_files["dm"], velocity="input")
     mesh = cat.to_mesh(resampler="cic", compensated=False)  # Nmesh, BoxSize from attrs
     r = FFTPower(mesh, mode="1d").power
-    density = np.asarray(JaxPM(NMESH, BOX).density(cat["Position"].compute()))
+    density = np.asarray(JaxEngine(NMESH, BOX).density(cat["Position"].compute()))
     ours = power_spectrum(density, BOX)
     ok = np.isfinite(ours.power) & (ours.modes > 1)
     np.testing.assert_allclose(r["power"].real[ok], ours.power[ok], rtol=1e-4)
@@ -158,7 +158,7 @@ def test_catalog_mismatched_boxsize(param_files, particles):
 
 
 def test_catalog_needs_geometry(particles):
-    pipe_free = (Stage(JaxPM(NMESH, BOX), CONFIGS["dm"]), raw_params("dm"))
+    pipe_free = (Stage(JaxEngine(NMESH, BOX), CONFIGS["dm"]), raw_params("dm"))
     cat = JeraldCatalog(serial_catalog(particles), pipe_free)  # the stage's engine gives both
     assert cat.attrs["jerald.dm.params"] == "<in memory>"
     from nbodykit.lab import ArrayCatalog
@@ -327,7 +327,7 @@ def test_plaintext_parameter_files(param_files, particles, tmp_path, flavour):
     }
     src = serial_catalog(particles, BoxSize=BOX)
     cat = JeraldCatalog(src, paths["dm"], flavour=flavour, Nmesh=NMESH)
-    pm = JaxPM(NMESH, BOX)
+    pm = JaxEngine(NMESH, BOX)
     ref = Pipeline(**{t: (Stage(pm, c), raw_params(t)) for t, c in configs.items()})
     np.testing.assert_allclose(
         cat["Position"].compute(), np.mod(np.asarray(ref.improve(particles)), BOX), atol=1e-4

@@ -3,9 +3,9 @@
 The model (``jerald_nbk.model``) is written once against :class:`ParticleMesh`. Two engines
 implement it:
 
-* :class:`jerald_nbk.pm.jax_backend.JaxPM`: one process, whole mesh, C++ CIC kernels through XLA
+* :class:`jerald_nbk.pm.jax_backend.JaxEngine`: one process, whole mesh, C++ CIC kernels through XLA
   FFI on CPU, a pure-JAX scatter/gather path on GPU;
-* :class:`jerald_nbk.pm.pmesh_backend.PmeshPM`: MPI, each rank holds its particles and a slab of
+* :class:`jerald_nbk.pm.pmesh_backend.PmeshEngine`: MPI, each rank holds its particles and a slab of
   the mesh; pmesh does paint/readout/FFTs and their adjoints.
 
 Arrays crossing the seam are JAX arrays. Real meshes are the *local* part of the mesh (the whole

@@ -228,7 +228,7 @@ def _cic_readout_bwd(cfg, res, ct):
 cic_readout.defvjp(_cic_readout_fwd, _cic_readout_bwd, symbolic_zeros=True)
 
 
-class JaxPM(ParticleMesh):
+class JaxEngine(ParticleMesh):
     """Single-process particle mesh on JAX (CPU or GPU).
 
     Parameters
@@ -243,7 +243,7 @@ class JaxPM(ParticleMesh):
 
     Examples
     --------
-    >>> pm = JaxPM(32, 100.0)
+    >>> pm = JaxEngine(32, 100.0)
     >>> pos = jax.random.uniform(jax.random.key(0), (1000, 3)) * 100.0
     >>> delta = pm.density(pos)          # 1 + delta, mean 1
     >>> dk = pm.r2c(delta)               # k = 0 mode == mean == 1

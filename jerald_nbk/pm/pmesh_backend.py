@@ -10,7 +10,7 @@ Every operation is a ``jax.custom_vjp`` whose forward and backward rules call pm
 
 What each backward rule gathers from what is written next to it. The callbacks hold MPI
 collectives, so every rank must run them in the same order: the engine runs eagerly
-(:meth:`PmeshPM.jit` does not compile) and each callback's result is waited for before the next
+(:meth:`PmeshEngine.jit` does not compile) and each callback's result is waited for before the next
 operation is dispatched (see the JAX note in the engineering notes).
 
 Layouts are expensive (a sort and an all-to-all of the particles) and belong to one set of
@@ -40,7 +40,7 @@ def _wait(tree):
     """Block until the concrete arrays of ``tree`` are computed (no-op on tracers).
 
     An eager callback that holds MPI collectives must finish before the next one (or a direct MPI
-    call such as :meth:`PmeshPM.count`) starts, whatever JAX's dispatch does.
+    call such as :meth:`PmeshEngine.count`) starts, whatever JAX's dispatch does.
     """
     for leaf in jax.tree_util.tree_leaves(tree):
         if not isinstance(leaf, jax.core.Tracer):
@@ -67,7 +67,7 @@ def _callback(fn, result_shape, *args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Differentiable operations. ``eng`` (a PmeshPM) is a static argument; meshes carry a trailing
+# Differentiable operations. ``eng`` (a PmeshEngine) is a static argument; meshes carry a trailing
 # channel axis, particle weights are (N, C).
 
 
@@ -207,7 +207,7 @@ def _replicated_bwd(eng, _, ct):
 _replicated.defvjp(_replicated_fwd, _replicated_bwd)
 
 
-class PmeshPM(ParticleMesh):
+class PmeshEngine(ParticleMesh):
     """MPI-distributed particle mesh on pmesh.
 
     Each rank passes its own particles (any subset of the catalog; positions need not be in the
@@ -233,7 +233,7 @@ class PmeshPM(ParticleMesh):
 
     Examples
     --------
-    >>> pm = PmeshPM(32, 100.0)                  # under mpiexec, on every rank
+    >>> pm = PmeshEngine(32, 100.0)                  # under mpiexec, on every rank
     >>> mine = catalog[comm.rank::comm.size]     # any split of the particles
     >>> delta = pm.density(mine)                 # local slab of 1 + delta
     >>> pm.sum(delta) / pm.ncells                # 1.0 on every rank
