@@ -166,8 +166,6 @@ def load_plain_or_json(path, target: str, flavour: str, pm, order, green=None, n
     path = Path(path)
     if path.suffix == ".json":
         return wf.load_stage(path, pm, target)
-    if not path.exists():
-        raise FileNotFoundError(f"parameter file {path} does not exist")
     n_values = plain_length(path)
     layers, shift = infer_layers(n_values, target, path)
     if nstep is not None and layers != nstep:
