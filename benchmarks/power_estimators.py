@@ -29,24 +29,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.run import median_time
+
 RESULTS = Path(__file__).parent / "results"
 BOX = 100.0
-
-
-def _median(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def test_field(n: int, seed: int = 0, box: float = BOX) -> np.ndarray:
@@ -106,16 +96,16 @@ def compare(n: int, reps: int = 5, box: float = BOX) -> dict:
     a = test_field(n, seed=1, box=box)
     b = test_field(n, seed=2, box=box)
     self_comm = MPI.COMM_SELF
-    t_ours = _median(lambda: power_spectrum(a, box), reps)
-    t_nbk = _median(lambda: nbodykit_power(a, box, comm=self_comm), reps)
-    t_ours_x = _median(lambda: cross_correlation(a, b, box), reps)
+    t_ours = median_time(lambda: power_spectrum(a, box), reps)
+    t_nbk = median_time(lambda: nbodykit_power(a, box, comm=self_comm), reps)
+    t_ours_x = median_time(lambda: cross_correlation(a, b, box), reps)
 
     def nbk_cross():
         nbodykit_power(a, box, comm=self_comm)
         nbodykit_power(b, box, comm=self_comm)
         nbodykit_power(a, box, second=b, comm=self_comm)
 
-    t_nbk_x = _median(nbk_cross, reps)
+    t_nbk_x = median_time(nbk_cross, reps)
     ours = power_spectrum(a, box)
     ours_x = power_spectrum(a, box, second=b)
     return {
@@ -152,7 +142,7 @@ def _mpi_worker(sizes: list[int], reps: int, box: float) -> None:
             comm.barrier()
             nbodykit_power(a, box, comm=comm)
 
-        t = _median(run, reps)
+        t = median_time(run, reps)
         out[str(n)] = comm.allreduce(t, op=MPI.MAX)
     if comm.rank == 0:
         print("RESULT " + json.dumps({"ranks": comm.size, "seconds": out}))
