@@ -385,7 +385,8 @@ def _typed_config(cfg: dict, sub: argparse.ArgumentParser, path, command: str) -
                 raise SystemExit(f"{where}: expected a number, found {v!r}")
             v = float(v)
         elif action.choices is not None or kind is None:
-            if action.action != "append" and not isinstance(v, str) and v is not None:
+            appended = isinstance(action, argparse._AppendAction)  # noqa: SLF001
+            if not appended and not isinstance(v, str) and v is not None:
                 raise SystemExit(f"{where}: expected a string, found {v!r}")
         if action.choices is not None and v not in action.choices:
             raise SystemExit(f"{where}: expected one of {list(action.choices)}, found {v!r}")
