@@ -848,7 +848,7 @@ def _train(
     fractions = {k: float(stage.pm.sum(m.astype(dtype))) for k, m in objective.masks.items()}
 
     def score(losses: dict) -> float:
-        if not all(np.isfinite(losses.get(k, np.inf)) for k in ("validation",)):
+        if not np.isfinite(losses.get("validation", np.inf)):  # the initial "no best yet"
             return np.inf
         return selection_score(losses, config.select, fractions)
 
