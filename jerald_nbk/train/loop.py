@@ -131,24 +131,38 @@ def _step_functions(model, p: int, jit) -> tuple:
     """``(value_and_grad, losses)`` of ``model``, both taking ``(raw, data)`` (see :class:`Objective`).
 
     ``model`` serves as a template: its arrays (a composed model's ``field2``) come from ``data``.
+    The losses are summed over ``data["pairs"]`` (one (input, target) pair: the sum of one): each
+    pair's value and gradient are computed in turn and added, the next pair starting once the
+    previous gradient is done (an optimisation barrier), so that the step holds one pair's
+    intermediate meshes at a time, not all of them.
     """
 
-    def losses(raw, data):
+    def pair_losses(raw, pair, data):
         m = model.with_field2(data["field2"]) if "field2" in data else model
-        F = m.forward(data["pos"], raw, star=data.get("star"), density0=data["density0"])
+        F = m.forward(pair["pos"], raw, star=pair.get("star"), density0=pair["density0"])
         # in units of the map's amplitude (see Objective): unit-free losses and gradients
-        F, target = F / data["unit"], data["target"] / data["unit"]
+        F, target = F / data["unit"], pair["target"] / data["unit"]
         out = masked_losses(m.pm, F, target, data["masks"], p, data.get("filt"))
         out |= selection_losses(m.pm, F, target, data["masks"], p)
         return out["train"], out
 
+    def summed(fn, raw, data):
+        """``fn(raw, pair, data)`` -> (value, out dict) or ((value, out), grad), summed over pairs."""
+        total = None
+        for pair in data["pairs"]:
+            if total is not None:  # the next pair waits for the previous one's result
+                total, pair = jax.lax.optimization_barrier((total, pair))
+            res = fn(raw, pair, data)
+            total = res if total is None else jax.tree_util.tree_map(jnp.add, total, res)
+        return total
+
     def value_and_grad(raw, data):
         TRACES["value_and_grad"] += 1
-        return jax.value_and_grad(losses, has_aux=True)(raw, data)
+        return summed(jax.value_and_grad(pair_losses, has_aux=True), raw, data)
 
     def losses_only(raw, data):
         TRACES["losses"] += 1
-        return losses(raw, data)[1]
+        return summed(pair_losses, raw, data)[1]
 
     return jit(value_and_grad), jit(losses_only)
 
@@ -169,79 +183,134 @@ def _shared_step_functions(model, p: int) -> tuple:
     return fns
 
 
-class Objective:
-    """Losses of one stage on its target map, in every region, and the train-loss gradient.
+def _as_pairs(pos, target, star) -> tuple[list, list, list]:
+    """``pos``, ``target``, ``star`` as equal-length lists (one array each: lists of one)."""
+    many = isinstance(pos, list | tuple)
+    if isinstance(target, list | tuple) != many:
+        raise ValueError(
+            "pos and target must both be arrays (one simulation) or both lists of arrays "
+            f"(several), found {type(pos).__name__} and {type(target).__name__}"
+        )
+    positions = list(pos) if many else [pos]
+    targets = list(target) if many else [target]
+    if star is None:
+        stars = [None] * len(positions)
+    else:
+        stars = list(star) if isinstance(star, list | tuple) else [star]
+    if not positions:
+        raise ValueError("no (input, target) pair: give at least one simulation")
+    if not len(positions) == len(targets) == len(stars):
+        raise ValueError(
+            f"{len(positions)} input particle sets, {len(targets)} target maps and "
+            f"{len(stars)} stellar maps: expected one of each per simulation"
+        )
+    return positions, targets, stars
 
-    Compile once, run many: the particles, target, masks, filter and (HI) stellar map are
+
+def pair_label(i: int, n: int) -> str:
+    """How messages and fingerprints name pair ``i`` of ``n``: ``""`` for one, else `` i+1``."""
+    return "" if n == 1 else f" {i + 1}"
+
+
+class Objective:
+    """Losses of one stage on its target maps, in every region, and the train-loss gradient.
+
+    Compile once, run many: the particles, targets, masks, filter and (HI) stellar maps are
     *arguments* of the compiled functions (:attr:`data`), not constants baked into them, and the
     compiled functions are shared by every Objective of the same static configuration (engine
     mesh and box, stage configuration and parameter scales, loss power): a new simulation, a
     resumed run or another target of the same shapes reuses the compiled step. On the MPI engine
     (``pm.jit`` is the identity) the same functions run eagerly.
 
+    Several simulations: ``pos`` and ``target`` (and ``star``) may be lists, one entry per
+    (input, target) pair, e.g. several hydro boxes; every loss is then the sum of the pairs'
+    losses, and the gradient the sum of their gradients. One pair is the list of one: the same
+    compiled code path (:func:`_step_functions`). Pairs may have different particle counts; all
+    share the stage's mesh, box, masks and loss unit.
+
     Parameters
     ----------
     stage : Stage or ComposedModel
         The model (anything with ``pm``, ``config``, ``table`` and ``forward``).
-    pos : (N, 3) array
-        Input particles (for stellar and HI: the DM-improved ones).
-    target : real mesh
-        Reference map on the engine's local mesh.
+    pos : (N, 3) array, or list of them
+        Input particles (for stellar and HI: the DM-improved ones), one set per simulation.
+    target : real mesh, or list of them
+        Reference maps on the engine's local mesh, in the order of ``pos``.
     config : TrainConfig
-    star : real mesh, optional
-        HI: the frozen stellar map.
+    star : real mesh, or list of them, optional
+        HI: the frozen stellar maps, in the order of ``pos``.
 
     Attributes
     ----------
     stage, pm, p, pos, target, star : as given (``p``: the loss power of ``config``)
+    n_pairs : int
+        Number of (input, target) pairs.
+    pairs : list of dict
+        Per pair: ``pos``, ``target``, ``star`` (or None) and ``density0``.
     masks : dict
         ``train``, ``validation`` and ``test`` masks of ``config.split``.
     filt : complex mesh or None
         The eq-11 smoothing filter (None without smoothing).
-    density0 : real mesh
-        ``pm.density(pos)``, painted once.
+    density0 : real mesh, or list of them
+        ``pm.density(pos)`` of each pair, painted once (a list when ``pos`` is).
     unit : float
         The map's amplitude (``stage.config.amplitude``): every loss is that of ``F / unit``
         against ``target / unit``, i.e. in units of ``amplitude^p``.
     data : dict
-        The arrays passed to the compiled functions: ``pos``, ``target``, ``density0``, ``masks``,
-        ``unit``
-        and, when present, ``star``, ``filt`` and a composed model's ``field2``. Built once here:
-        replacing an attribute afterwards does not change what is computed (make a new
-        Objective: it reuses the compiled step).
+        The arrays passed to the compiled functions: ``pairs`` (a tuple of dicts of ``pos``,
+        ``target``, ``density0`` and, for HI, ``star``), ``masks``, ``unit`` and, when present,
+        ``filt`` and a composed model's ``field2``. Built once here: replacing an attribute
+        afterwards does not change what is computed (make a new Objective: it reuses the compiled
+        step).
     """
 
     def __init__(self, stage: Stage, pos, target, config: TrainConfig, star=None):
         pm = stage.pm
-        check_particles(pos, pm, "input particles")
-        check_target(target, pm, stage.config.target, f"{stage.config.target} target")
-        if stage.config.target == "hi":
-            if star is None:
-                raise ValueError("the HI stage needs the frozen stellar map (star=...)")
-            check_target(star, pm, "stellar", "stellar map for the HI stage")
+        positions, targets, stars = _as_pairs(pos, target, star)
+        n, kind = len(positions), stage.config.target
+        for i, (x, t, st) in enumerate(zip(positions, targets, stars, strict=True)):
+            label = pair_label(i, n)
+            check_particles(x, pm, f"input particles{label}")
+            check_target(t, pm, kind, f"{kind} target{label}")
+            if kind == "hi":
+                if st is None:
+                    raise ValueError("the HI stage needs the frozen stellar map (star=...)")
+                check_target(st, pm, "stellar", f"stellar map for the HI stage{label}")
         self.stage, self.pm = stage, pm
         self.pos, self.target, self.star = pos, target, star
-        self.p = config.p_for(stage.config.target)
+        self.n_pairs = n
+        self.p = config.p_for(kind)
         self.masks = split_masks(pm, config.split)
         self.filt = smoothing_filter(pm, config.smoothing_n)
 
         # The input particles do not depend on the parameters: paint them once, not every step.
-        self.density0 = pm.density(pos)
+        self.pairs = [
+            {"pos": x, "target": t, "star": st, "density0": pm.density(x)}
+            for x, t, st in zip(positions, targets, stars, strict=True)
+        ]
+        many = isinstance(pos, list | tuple)
+        self.density0 = [q["density0"] for q in self.pairs] if many else self.pairs[0]["density0"]
 
         # Losses are measured in units of the map's amplitude (StageConfig.amplitude, 1 for DM
         # and unscaled models): with the amplitude as the unit of w and b as well, a map and the
         # same map in other units train identically, and raw gradients stay O(1) instead of
         # falling below Adam's epsilon (1e-8) for maps in small units (n_HI in cm^-3, 1e-11).
         self.unit = float(getattr(stage.config, "amplitude", 1.0))
+        pairs = []
+        for q in self.pairs:
+            arrays = {
+                "pos": jnp.asarray(q["pos"]),
+                "target": jnp.asarray(q["target"]),
+                "density0": q["density0"],
+            }
+            if q["star"] is not None:
+                arrays["star"] = jnp.asarray(q["star"])
+            pairs.append(arrays)
         data = {
-            "pos": jnp.asarray(pos),
-            "target": jnp.asarray(target),
-            "density0": self.density0,
+            "pairs": tuple(pairs),
             "masks": self.masks,
             "unit": jnp.asarray(self.unit, dtype=pm.dtype),
         }
-        if star is not None:
-            data["star"] = jnp.asarray(star)
         if self.filt is not None:
             data["filt"] = self.filt
         if getattr(stage, "field2", None) is not None:
@@ -250,12 +319,12 @@ class Objective:
         self._value_and_grad, self._losses = _shared_step_functions(stage, self.p)
 
     def value_and_grad(self, raw):
-        """``(losses by region, gradient of the train loss)`` at raw parameters."""
+        """``(losses by region, gradient of the train loss)`` at raw parameters, summed over pairs."""
         (_, out), g = self._value_and_grad(raw, self.data)
         return out, g
 
     def losses(self, raw) -> dict:
-        """Losses by region (no gradient)."""
+        """Losses by region (no gradient), summed over pairs."""
         return {k: float(v) for k, v in self._losses(raw, self.data).items()}
 
 
@@ -327,7 +396,8 @@ def run_fingerprint(objective: Objective, config: TrainConfig, inputs: dict | No
     ----------
     objective : Objective
         Its input particles, target map and (HI) stellar map are fingerprinted by content
-        (:func:`jerald_nbk.utils.fingerprint_array`; under MPI one fingerprint per rank's share).
+        (:func:`jerald_nbk.utils.fingerprint_array`; under MPI one fingerprint per rank's share),
+        those of every pair when it has several (``particles 2``, ``target 2``, ...).
     config : TrainConfig
         Every field except :data:`RESUMABLE_FIELDS`.
     inputs : dict, optional
@@ -341,9 +411,13 @@ def run_fingerprint(objective: Objective, config: TrainConfig, inputs: dict | No
         JSON-able ``{"inputs", "model", "engine", "training"}``.
     """
     stage, pm = objective.stage, objective.stage.pm
-    arrays = {"particles": objective.pos, "target": objective.target}
-    if objective.star is not None:
-        arrays["stellar map"] = objective.star
+    arrays = {}
+    for i, pair in enumerate(objective.pairs):
+        label = pair_label(i, len(objective.pairs))
+        arrays[f"particles{label}"] = pair["pos"]
+        arrays[f"target{label}"] = pair["target"]
+        if pair["star"] is not None:
+            arrays[f"stellar map{label}"] = pair["star"]
     found = {name: fingerprint_array(a) for name, a in arrays.items()}
     if pm.comm is not None and pm.comm.size > 1:
         shares = pm.comm.allgather(found)
