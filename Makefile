@@ -7,7 +7,7 @@ MPIEXEC := $(VENV)/bin/mpiexec
 NPROC_MPI ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-serial test-mpi bench lint format clean
+.PHONY: install demo test test-serial test-mpi bench bench-large lint format clean
 
 # The stamp is rebuilt when the requirements, the pins (constraints.txt), the build recipe or the
 # C++ kernels change.
@@ -36,6 +36,11 @@ test-mpi: $(STAMP)
 ## bench: run the benchmarks, results in benchmarks/results/latest.json
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
+
+## bench-large: every paper model's training step at SIZE^3 (default 512; e.g. make bench-large SIZE=256), each in its own process, and a few-step `jerald train`; step time and peak RSS under the "large" key of benchmarks/results/latest.json. Not part of `make test` (at 512^3: ~20 GB and tens of minutes)
+SIZE ?= 512
+bench-large: $(STAMP)
+	$(PY) -m benchmarks.run --large --size $(SIZE)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -172,9 +172,18 @@ STAGES = {
     "hi": ("hi", 2),
 }
 
+#: the paper's models for the large runs (``--large``): DM with 1 and 2 layers, stellar mass with
+#: 2 and 3 (z = 5), HI with 2 (its two sources: particles and the stellar map)
+LARGE_STAGES = {**STAGES, "stellar3": ("stellar", 3)}
 
-def make_step(stage_name: str, n: int, backend: str, box: float = 100.0, pos=None):
-    """A training step (loss + gradient) of a stage on synthetic data; returns (step, raw)."""
+
+def make_step(
+    stage_name: str, n: int, backend: str, box: float = 100.0, pos=None, remat: bool | None = None
+):
+    """A training step (loss + gradient) of a stage on synthetic data; returns (step, raw).
+
+    ``stage_name``: a key of :data:`LARGE_STAGES`; ``remat``: ``Stage(remat=...)``.
+    """
     import jax.numpy as jnp
 
     from jerald_nbk.model.pipeline import Stage, StageConfig
@@ -186,8 +195,8 @@ def make_step(stage_name: str, n: int, backend: str, box: float = 100.0, pos=Non
     if pos is None:
         pos = zeldovich_particles(n, box, seed=0, rms_disp=1.0)
     pos = jnp.asarray(pos)
-    target_kind, nl = STAGES[stage_name]
-    stage = Stage(pm, StageConfig(target_kind, nl))
+    target_kind, nl = LARGE_STAGES[stage_name]
+    stage = Stage(pm, StageConfig(target_kind, nl), remat=remat)
     target = pm.density(pos) * 1.1
     star = pm.density(pos) if target_kind == "hi" else None
     obj = Objective(stage, pos, target, TrainConfig(progress=False), star=star)
@@ -346,6 +355,215 @@ def peak_memory(stage: str, n: int, backend: str) -> dict | None:
         return None
 
 
+def _run_measured(cmd: list[str], timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run ``cmd`` in the repository root; its result and ``{"seconds", "peak_rss_bytes"}``.
+
+    The peak is the child's own (``os.wait4``'s ``ru_maxrss``), not this process's.
+    """
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=err, text=True, cwd=Path(__file__).parent.parent
+        )
+        deadline = t0 + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                status = -9
+                break
+            time.sleep(0.2)
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status) if status != -9 else -9
+        out.seek(0), err.seek(0)
+        res = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+    return res, {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024}
+
+
+def _last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def step_record(
+    stage: str, n: int, remat: bool | None = None, steps: int = 3, timeout: float = 3600
+) -> dict:
+    """One training step of ``stage`` at ``n^3`` in its own process (:mod:`benchmarks.memory`).
+
+    Returns the JSON record of :func:`benchmarks.memory.measure_step` (step time, first call,
+    peak RSS and the step's bytes per particle), or ``{"stage", "N", "error"}`` when the process
+    failed (e.g. out of memory: ``returncode`` -9).
+    """
+    flag = {None: "default", True: "on", False: "off"}[remat]
+    cmd = [sys.executable, "-m", "benchmarks.memory", stage, str(n), "jax", "--remat", flag]
+    res, usage = _run_measured([*cmd, "--steps", str(steps)], timeout)
+    try:
+        rec = _last_json(res.stdout)
+    except (ValueError, IndexError):
+        tail = (res.stderr or "").strip().splitlines()[-3:]
+        return {"stage": stage, "N": n, "remat": remat, "returncode": res.returncode,
+                "error": " | ".join(tail)}  # fmt: skip
+    return rec | {"process_peak_rss_bytes": usage["peak_rss_bytes"]}
+
+
+def train_command_record(n: int, steps: int = 3, timeout: float = 7200) -> dict:
+    """A few-step ``jerald train`` (2-layer DM) at ``n^3`` on synthetic inputs, in a subprocess.
+
+    The inputs (a FastPM-layout catalog and a DM target map, :func:`benchmarks.memory.write_inputs`)
+    are written by another process into a temporary directory, removed afterwards. Records the
+    command's wall time (reading, painting the first density, compiling, ``steps`` steps, writing),
+    its peak RSS, and the steps' own times from ``metrics.jsonl``.
+    """
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"jerald-large-{n}-"))
+    try:
+        res, made = _run_measured(
+            [sys.executable, "-m", "benchmarks.memory", "--inputs", str(tmp), str(n)], timeout
+        )
+        if res.returncode != 0:
+            return {"name": "jerald_train", "N": n, "error": res.stderr.strip()[-500:]}
+        inputs = _last_json(res.stdout)
+        out = tmp / "run"
+        cmd = [
+            sys.executable, "-m", "jerald_nbk.cli.main", "train", "--target", "dm",
+            "--particles", inputs["particles"], "--target-map", inputs["target"],
+            "--layers", "2", "--steps", str(steps), "--out", str(out), "--quiet",
+        ]  # fmt: skip
+        res, usage = _run_measured(cmd, timeout)
+        rec = {
+            "name": "jerald_train",
+            "N": n,
+            "target": "dm",
+            "layers": 2,
+            "steps": steps,
+            "returncode": res.returncode,
+            "seconds": usage["seconds"],
+            "peak_rss_bytes": usage["peak_rss_bytes"],
+            "peak_rss_bytes_per_particle": usage["peak_rss_bytes"] / n**3,
+            "input_writing_seconds": made["seconds"],
+        }
+        metrics = out / "metrics.jsonl"
+        if res.returncode == 0 and metrics.exists():
+            secs = [json.loads(line)["seconds"] for line in metrics.read_text().splitlines()]
+            rec["step_seconds"] = secs
+        else:
+            rec["error"] = res.stderr.strip()[-500:]
+        return rec
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def large_records(
+    n: int = 512,
+    stages=("dm1", "dm2", "stellar", "stellar3", "hi"),
+    steps: int = 3,
+    train_steps: int = 3,
+    remat: bool | None = None,
+) -> dict:
+    """Training steps of every paper model at ``n^3``, each in its own process, and ``jerald train``.
+
+    ``make bench-large`` (``python -m benchmarks.run --large --size N``). Each stage
+    (:data:`LARGE_STAGES`) runs one compiling step and ``steps`` timed ones in a fresh process
+    (:func:`step_record`: step time, first call, peak RSS, the step's bytes per particle), one
+    after another so that their peaks do not add up; then a ``train_steps``-step
+    ``jerald train`` of the 2-layer DM stage on synthetic inputs (:func:`train_command_record`).
+
+    Returns
+    -------
+    dict
+        ``{"N", "remat", "steps", "machine", "records": [...], "jerald_train": {...}}``.
+    """
+    records = []
+    for stage in stages:
+        print(f"[bench-large] {stage} step at {n}^3", flush=True)
+        rec = step_record(stage, n, remat, steps)
+        kind, layers = LARGE_STAGES[stage]
+        records.append({"name": f"step_{stage}", "target": kind, "layers": layers} | rec)
+        print(f"[bench-large]   {_describe(records[-1])}", flush=True)
+    print(f"[bench-large] jerald train --steps {train_steps} at {n}^3", flush=True)
+    train_rec = train_command_record(n, train_steps)
+    print(f"[bench-large]   {_describe(train_rec)}", flush=True)
+    return {
+        "N": n,
+        "remat": remat,
+        "steps": steps,
+        "machine": machine_info(),
+        "records": records,
+        "jerald_train": train_rec,
+    }
+
+
+#: goals of issue 14 for the marginal bytes per particle of a training step
+MEMORY_GOALS = {"dm1": 100.0, "dm2": 150.0, "stellar": 150.0, "stellar3": 150.0, "hi": 150.0}
+
+
+def marginal_records(
+    sizes=(128, 192), stages=("dm1", "dm2", "stellar", "hi"), remats=(False, True)
+) -> list[dict]:
+    """Marginal bytes per particle of training steps between two sizes, with and without remat.
+
+    ``(peak RSS at n2 - peak RSS at n1) / (n2^3 - n1^3)``, each peak measured in its own process
+    (:func:`step_record`), one at a time: what one more particle costs, free of the fixed costs
+    (the interpreter, JAX, the compiled program). Against :data:`MEMORY_GOALS`.
+    """
+    n1, n2 = sizes
+    out = []
+    for stage in stages:
+        for remat in remats:
+            recs = []
+            for n in sizes:
+                print(f"[bench-marginal] {stage} remat={remat} at {n}^3", flush=True)
+                recs.append(step_record(stage, n, remat, steps=1))
+            if any("error" in r for r in recs):
+                out.append({"stage": stage, "remat": remat, "sizes": list(sizes), "runs": recs})
+                continue
+            b = (recs[1]["peak_rss_bytes"] - recs[0]["peak_rss_bytes"]) / (n2**3 - n1**3)
+            goal = MEMORY_GOALS[stage]
+            out.append(
+                {
+                    "stage": stage,
+                    "remat": remat,
+                    "sizes": list(sizes),
+                    "marginal_bytes_per_particle": b,
+                    "goal_bytes_per_particle": goal,
+                    "goal_met": bool(b <= goal),
+                    "step_seconds": [r["step_seconds_median"] for r in recs],
+                    "peak_rss_bytes": [r["peak_rss_bytes"] for r in recs],
+                }
+            )
+            print(f"[bench-marginal]   {stage} remat={remat}: {b:.0f} B/particle (goal {goal:.0f})")
+    return out
+
+
+def _describe(rec: dict) -> str:
+    if "error" in rec:
+        return f"failed: {rec['error']}"
+    if rec.get("name") == "jerald_train":
+        return f"{rec['seconds']:.1f} s, peak RSS {rec['peak_rss_bytes'] / 2**30:.2f} GiB"
+    return (
+        f"step {rec['step_seconds_median']:.2f} s (first {rec['first_call_seconds']:.1f} s), "
+        f"peak RSS {rec['peak_rss_bytes'] / 2**30:.2f} GiB, "
+        f"{rec['peak_bytes_per_particle']:.0f} B/particle"
+    )
+
+
+def merge_into(path, key: str, sub: str, value) -> None:
+    """Set ``doc[key][sub] = value`` in the JSON file ``path``, keeping everything else."""
+    from jerald_nbk.utils import atomic_write
+
+    path = Path(path)
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc.setdefault(key, {})[sub] = value
+    with atomic_write(path) as fh:
+        json.dump(doc, fh, indent=1)
+
+
 def suite_build_record(size: str = "smoke") -> dict:
     """Wall time of building the reference suite (FastPM + high-res truth, z = 0, 2, 5).
 
@@ -373,7 +591,36 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="jax,pmesh")
     ap.add_argument("--quick", action="store_true", help="64^3 only, 3 repetitions")
     ap.add_argument("--out", default=str(RESULTS / "latest.json"))
+    ap.add_argument(
+        "--large",
+        action="store_true",
+        help="only the large runs (make bench-large): every paper model's training step at "
+        "--size, each in its own process, and a few-step jerald train; stored under the 'large' "
+        "key of --out, by size",
+    )
+    ap.add_argument("--size", type=int, default=512, help="size of --large (default 512)")
+    ap.add_argument(
+        "--remat", choices=["on", "off", "default"], default="default", help="remat of --large"
+    )
+    ap.add_argument(
+        "--marginal",
+        metavar="N1,N2",
+        help="only the marginal bytes per particle between two sizes (with and without remat), "
+        "stored under large/marginal_N1_N2 of --out",
+    )
     args = ap.parse_args(argv)
+    if args.large:
+        remat = {"on": True, "off": False, "default": None}[args.remat]
+        doc = large_records(args.size, remat=remat)
+        merge_into(args.out, "large", str(args.size), doc)
+        print(f"[bench-large] wrote large/{args.size} of {args.out}")
+        return 0
+    if args.marginal:
+        sizes = tuple(int(s) for s in args.marginal.split(","))
+        recs = marginal_records(sizes)
+        merge_into(args.out, "large", f"marginal_{sizes[0]}_{sizes[1]}", recs)
+        print(f"[bench-marginal] wrote large/marginal_{sizes[0]}_{sizes[1]} of {args.out}")
+        return 0
     if args.quick:
         args.sizes, args.train_sizes, args.reps = "64", "64", 3
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -394,6 +641,9 @@ def main(argv=None) -> int:
     print("[bench] smoke reference suite build", flush=True)
     records.append(suite_build_record("smoke"))
     doc = {"machine": machine_info(), "records": records}
+    old = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    if "large" in old:  # the large runs are measured apart (make bench-large): kept
+        doc["large"] = old["large"]
     with atomic_write(args.out) as fh:
         json.dump(doc, fh, indent=1)
     for r in records:
