@@ -10,8 +10,7 @@ import pytest
 from conftest import SMOKE_REDSHIFTS, SMOKE_SEED  # noqa: E402
 
 from jerald_nbk.suite import build as suite_build
-from jerald_nbk.suite import build_suite, output_names, ztag
-from jerald_nbk.suite import targets as tg
+from jerald_nbk.suite import build_suite, halos, hi, output_names, ztag
 
 REDSHIFTS = SMOKE_REDSHIFTS
 SEED = SMOKE_SEED
@@ -87,7 +86,7 @@ def targets_z0(suite, manifest):
 
     data, attrs = _read_cat(suite["paths"]["highres_z0"], ("Position", "Velocity"))
     cfg = manifest["config"]
-    return tg.make_targets(
+    return suite_build.make_targets(
         data["Position"].astype("f8"),
         data["Velocity"].astype("f8"),
         int(attrs["Nparticles"]),
@@ -106,36 +105,36 @@ def test_moster13_published_values_by_hand():
     # Moster, Naab & White 2013, Table 1: M10 = 11.590, N10 = 0.0351.  At z = 0 and M = M1 the
     # bracket is 1 + 1 = 2, so m = N10 * M1.
     M1 = 10**11.590
-    assert np.isclose(tg.moster13_stellar_mass(M1, 0.0), 0.0351 * M1, rtol=1e-12)
+    assert np.isclose(halos.moster13_stellar_mass(M1, 0.0), 0.0351 * M1, rtol=1e-12)
     # z = 2, M = 1e12 Msun, by hand: z/(z+1) = 2/3,
     # log10 M1 = 11.590 + 1.195 * 2/3 = 12.386667; N = 0.0351 - 0.0247 * 2/3 = 0.0186333;
     # beta = 1.376 - 0.826 * 2/3 = 0.825333; gamma = 0.608 + 0.329 * 2/3 = 0.827333;
     # x = 1e12 / 10**12.386667 = 0.410519; x**-beta = 2.085110; x**gamma = 0.478738;
     # m = 2 * 0.0186333 * 1e12 / (2.085110 + 0.478738) = 1.453545e10 Msun.
-    assert np.isclose(tg.moster13_stellar_mass(1e12, 2.0), 1.453545e10, rtol=1e-5)
+    assert np.isclose(halos.moster13_stellar_mass(1e12, 2.0), 1.453545e10, rtol=1e-5)
     # h conversion: a 1e12 Msun/h halo -> 1e12/h Msun -> stellar mass * h / 1e10
     h = 0.678
-    direct = tg.moster13_stellar_mass(1e12 / h, 1.0) * h / 1e10
-    assert np.isclose(tg.stellar_mass_h(1e12, 1.0, h), direct)
+    direct = halos.moster13_stellar_mass(1e12 / h, 1.0) * h / 1e10
+    assert np.isclose(halos.stellar_mass_h(1e12, 1.0, h), direct)
 
 
 def test_shmr_scatter_is_lognormal_and_seeded():
     M = np.full(20000, 1e12)
-    a = tg.stellar_mass_h(M, 0.0, 0.678, 0.15, np.random.default_rng(1))
-    b = tg.stellar_mass_h(M, 0.0, 0.678, 0.15, np.random.default_rng(1))
+    a = halos.stellar_mass_h(M, 0.0, 0.678, 0.15, np.random.default_rng(1))
+    b = halos.stellar_mass_h(M, 0.0, 0.678, 0.15, np.random.default_rng(1))
     assert np.array_equal(a, b)
-    mean = tg.stellar_mass_h(1e12, 0.0, 0.678)
+    mean = halos.stellar_mass_h(1e12, 0.0, 0.678)
     assert np.isclose(np.std(np.log10(a / mean)), 0.15, rtol=0.05)
 
 
 def test_fgpa_scalings():
     # photoionised gas: n_HI ~ (1+delta)^2 T^-0.7; collisional ionisation kills hot gas
     nH, G, ne = 1e-5, 1e-12, 1.16
-    r = tg.n_hi_equilibrium(2 * nH, 1e4, G, ne) / tg.n_hi_equilibrium(nH, 1e4, G, ne)
+    r = hi.n_hi_equilibrium(2 * nH, 1e4, G, ne) / hi.n_hi_equilibrium(nH, 1e4, G, ne)
     assert np.isclose(r, 4.0, rtol=1e-3)
-    r = tg.n_hi_equilibrium(nH, 2e4, G, ne) / tg.n_hi_equilibrium(nH, 1e4, G, ne)
+    r = hi.n_hi_equilibrium(nH, 2e4, G, ne) / hi.n_hi_equilibrium(nH, 1e4, G, ne)
     assert np.isclose(r, 2**-0.7, rtol=1e-3)
-    hot = tg.n_hi_equilibrium(1e-3, 1e6, G, ne) / tg.n_hi_equilibrium(1e-3, 1e4, G, ne)
+    hot = hi.n_hi_equilibrium(1e-3, 1e6, G, ne) / hi.n_hi_equilibrium(1e-3, 1e4, G, ne)
     assert hot < 1e-2
 
 
@@ -148,7 +147,7 @@ def test_virial_and_jeans_scales():
     rho_c0 = 3 * 100.0**2 / (8 * np.pi * g_kms)  # (Msun/h) / (Mpc/h)^3, H0 = 100 h km/s/Mpc
     om = 0.308
     # Bryan & Norman (1998): Einstein-de Sitter limit 18 pi^2 at high z, ~102 today for om = 0.308
-    assert tg.virial_overdensity(1e3, om) == pytest.approx(18 * np.pi**2, rel=1e-6)
+    assert halos.virial_overdensity(1e3, om) == pytest.approx(18 * np.pi**2, rel=1e-6)
     for z in (0.0, 2.0):
         ez2 = om * (1 + z) ** 3 + 1 - om
         x = om * (1 + z) ** 3 / ez2 - 1
@@ -156,13 +155,13 @@ def test_virial_and_jeans_scales():
         r_phys = (3 * 1e12 / (4 * np.pi * delta_c * rho_c0 * ez2)) ** (1 / 3)  # Mpc/h
         vc2 = g_kms * 1e12 / r_phys  # (km/s)^2, h cancels
         t_vir = mu * c.m_p * vc2 * 1e6 / (2 * c.k)
-        R, T = tg.virial_radius_temperature(1e12, z, om)
+        R, T = halos.virial_radius_temperature(1e12, z, om)
         assert R == pytest.approx((1 + z) * r_phys, rel=1e-4)  # comoving
         assert T == pytest.approx(t_vir, rel=1e-4)
-    assert tg.virial_overdensity(0.0, om) == pytest.approx(102.2, abs=0.1)
+    assert halos.virial_overdensity(0.0, om) == pytest.approx(102.2, abs=0.1)
     # Jeans length x_J = H0^-1 [2 gamma k_B T0 / (3 mu m_p om (1+z))]^(1/2) (Hui & Gnedin 1997)
     v = np.sqrt(2 * (5 / 3) * c.k * 1.2e4 / (3 * mu * c.m_p * om * 3.0)) / 1e3  # km/s
-    assert tg.jeans_filter_scale(2.0, 1.2e4, om) == pytest.approx(v / 100.0, rel=1e-4)
+    assert hi.jeans_filter_scale(2.0, 1.2e4, om) == pytest.approx(v / 100.0, rel=1e-4)
 
 
 def test_stages_hit_outputs():
@@ -237,7 +236,7 @@ def test_every_constant_is_documented():
     text = DOCS.read_text()
     # keys of the constants dicts make_targets writes (the same at every redshift)
     keys = {"hi_norm_cm3", "T0_K", "gamma_T", "Gamma_HI_s", "x_J_Mpc_h"}
-    keys |= {f"moster13_{k}" for k in tg.MOSTER13}
+    keys |= {f"moster13_{k}" for k in halos.MOSTER13}
     keys |= {
         "shmr_scatter_dex",
         "fof_linking_length",
@@ -314,11 +313,11 @@ def test_stellar_total_equals_halo_sum(suite, manifest):
     for z in REDSHIFTS:
         t = ztag(z)
         star, attrs = _read_mesh(suite["paths"][f"truth_stellar_z{t}"])
-        halos, hattrs = _read_cat(suite["paths"][f"halos_z{t}"], ("StellarMass", "Mass"))
-        total = halos["StellarMass"].astype("f8").sum()
+        cat, hattrs = _read_cat(suite["paths"][f"halos_z{t}"], ("StellarMass", "Mass"))
+        total = cat["StellarMass"].astype("f8").sum()
         assert np.isclose(star.astype("f8").sum(), total, rtol=1e-5)
         assert np.isclose(attrs["constants"]["total_stellar_mass_1e10Msun_h"], total, rtol=1e-6)
-        assert len(halos["Mass"]) == manifest["n_halos"][t] == attrs["constants"]["n_halos"]
+        assert len(cat["Mass"]) == manifest["n_halos"][t] == attrs["constants"]["n_halos"]
         assert star.min() >= 0
     assert manifest["n_halos"]["0"] > 50  # smoke z = 0 has a few hundred FOF halos
 

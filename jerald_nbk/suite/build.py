@@ -1,5 +1,10 @@
 """Build the reference suite on disk: FastPM catalogs, truth meshes, halo catalogs, a manifest.
 
+Per redshift, :func:`make_targets` puts the three prescriptions together (:mod:`.dm`,
+:mod:`.halos` for halos and stellar mass, :mod:`.hi`) and :func:`build_suite` writes them; the
+runs themselves are :mod:`.runs`.  See ``docs/reference-suite.md`` ("Outputs", "Manifest") and
+``../shared/spec/reference-suite.md`` ("Sizes").
+
 Layout of ``outdir`` (redshift tags are ``f"{z:g}"``: ``z5``, ``z2``, ``z0``, ``z0.5``):
 
 * ``fastpm_z{z}/``: bigfile catalog, FastPM layout (dataset ``1``: ``Position`` [Mpc/h],
@@ -23,9 +28,16 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..geometry import wrap_positions
+from .dm import dm_target
+from .halos import SHMR_SCATTER_DEX, Halos, find_halos, stellar_target
+from .hi import hi_target
+from .mesh import TargetMap, particle_mesh
 
 #: Bump when outputs change for the same (size, seed, redshifts): invalidates cached suites.
 GENERATOR_VERSION = "1.0"
@@ -61,9 +73,75 @@ def output_names(redshifts) -> list[str]:
 
 def _f4_positions(pos, BoxSize) -> np.ndarray:
     """float32 positions still in ``[0, BoxSize)``: rounding to float32 can land on ``BoxSize``."""
-    out = np.asarray(pos, dtype="f4").copy()
-    out[out >= np.float32(BoxSize)] = 0.0
-    return out
+    return wrap_positions(np.asarray(pos, dtype="f4"), BoxSize, "the suite's box")
+
+
+@dataclass
+class Targets:
+    """The three targets at one redshift plus diagnostics used by the tests and the docs."""
+
+    redshift: float
+    dm: TargetMap
+    stellar: TargetMap
+    hi: TargetMap
+    halos: Halos
+    diagnostics: dict = field(default_factory=dict)
+
+
+def make_targets(
+    highres_pos,
+    highres_vel,
+    Ntot: int,
+    Nmesh: int,
+    BoxSize: float,
+    z: float,
+    cosmo,
+    seed: int,
+    comm=None,
+    scatter_dex: float = SHMR_SCATTER_DEX,
+) -> Targets:
+    """DM, stellar-mass and HI target maps at one redshift from the high-resolution particles.
+
+    The DM map is :func:`.dm.dm_target`, the halos and the stellar map :func:`.halos.find_halos`
+    and :func:`.halos.stellar_target`, the HI map :func:`.hi.hi_target` (on the ``(2N)^3`` mesh).
+
+    Parameters
+    ----------
+    highres_pos, highres_vel : numpy.ndarray
+        This rank's high-resolution particles (Mpc/h, km/s), positions in ``[0, BoxSize)``.
+    Ntot : int
+        Global number of high-resolution particles, ``(2N)^3``.
+    Nmesh : int
+        ``N``, the output mesh per side.
+    BoxSize : float
+        Mpc/h.
+    z : float
+        Redshift.
+    cosmo : nbodykit Cosmology
+    seed : int
+        Seed of the realisation (the SHMR scatter is drawn from it).
+    comm : MPI communicator or None
+    scatter_dex : float
+        SHMR log-normal scatter (0 for the mean relation).
+
+    Returns
+    -------
+    Targets
+        Maps as whole-mesh numpy arrays (identical on every rank) and their attrs.
+    """
+    if comm is None:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+    pm = particle_mesh(int(Nmesh), BoxSize, comm)
+    pm_fine = particle_mesh(2 * int(Nmesh), BoxSize, comm)
+    dm = dm_target(pm, highres_pos, Ntot, z)
+    halos = find_halos(highres_pos, highres_vel, BoxSize, Ntot, z, cosmo, seed, comm, scatter_dex)
+    stellar = stellar_target(pm, halos, z, scatter_dex)
+    hi, diagnostics = hi_target(pm, pm_fine, highres_pos, Ntot, halos, z, cosmo)
+    return Targets(
+        redshift=float(z), dm=dm, stellar=stellar, hi=hi, halos=halos, diagnostics=diagnostics
+    )
 
 
 def _norm_redshifts(redshifts) -> list[float]:
@@ -158,7 +236,6 @@ def build_suite(
     from ..io import write_catalog, write_mesh
     from ..utils import atomic_write
     from .runs import RunConfig, cosmology_attrs, run_pair
-    from .targets import make_targets
 
     if comm is None:
         from mpi4py import MPI

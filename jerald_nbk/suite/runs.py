@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..geometry import wrap_positions
+
 # Sherwood-Relics fiducial parameters (JERALD paper sec. IV A; Puchwein et al. 2023).
 SHERWOOD_PARAMS = {
     "Omega_m": 0.308,
@@ -214,13 +216,6 @@ def truncate_field(linear, Nmesh: int):
     return out
 
 
-def wrap(pos: np.ndarray, BoxSize: float) -> np.ndarray:
-    """Wrap positions into ``[0, BoxSize)`` (fastpm does not; ``x mod L`` can round to ``L``)."""
-    pos = np.mod(pos, BoxSize)
-    pos[pos >= BoxSize] = 0.0
-    return pos
-
-
 def stages_for(nsteps: int, redshifts, z_start: float = Z_START) -> np.ndarray:
     """Scale factors of the force stages: ``nsteps`` steps from ``z_start`` to the lowest output.
 
@@ -309,7 +304,8 @@ def run_fastpm(
                 result.snapshots[z] = Snapshot(
                     redshift=z,
                     a=float(a),
-                    Position=wrap(np.array(state.X, dtype="f8"), BoxSize),
+                    # fastpm does not wrap its particles into the box
+                    Position=wrap_positions(np.array(state.X, dtype="f8"), BoxSize),
                     Velocity=np.array(state.V, dtype="f8"),
                     Nparticles=ntot,
                 )
