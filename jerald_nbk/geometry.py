@@ -78,13 +78,8 @@ def mesh_vector(Nmesh, where: str, ndim: int = 3) -> np.ndarray:
 
     Returns
     -------
-    numpy.ndarray, shape (ndim,), int64
-
-    Raises
-    ------
-    ValueError
-        Naming ``where``, when the value is not one number or ``ndim`` numbers, or when an entry is
-        not a whole number >= 1.
+    numpy.ndarray, shape (ndim,), int64; a ValueError naming ``where`` for anything but one or
+    ``ndim`` whole numbers >= 1.
     """
     vals = _per_axis(Nmesh, "Nmesh", "a whole number or {ndim} whole numbers", where, ndim)
     if not np.all(np.isfinite(vals)) or np.any(vals != np.round(vals)) or np.any(vals < 1):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..geometry import box_vector
 from ..pm import fourier
 from .power import cross_correlation
 
@@ -154,7 +155,7 @@ def smooth_field(field, BoxSize, radius: float) -> np.ndarray:
         return arr.copy()
     import scipy.fft
 
-    box = np.broadcast_to(np.asarray(BoxSize, dtype=float), (3,))
+    box = box_vector(BoxSize, "smooth_field")
     workers = -1
     c = scipy.fft.rfftn(arr, workers=workers)
     c *= fourier.fourier_factor(

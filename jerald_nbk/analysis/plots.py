@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..geometry import box_vector
 from ..utils import atomic_write
 from .metrics import relative_difference_map
 
@@ -109,7 +110,7 @@ def project_slab(field, BoxSize, thickness: float, axis: int = 2, start: float =
     numpy.ndarray, the 2D map of the two remaining axes (in their order).
     """
     arr = np.asarray(field)
-    box = np.broadcast_to(np.asarray(BoxSize, dtype=float), (arr.ndim,))
+    box = box_vector(BoxSize, "project_slab", ndim=arr.ndim)
     n = arr.shape[axis]
     cell = box[axis] / n
     first = int(np.floor(start / cell + 0.5))
@@ -159,7 +160,7 @@ def plot_slices(
     plt = _pyplot()
     from matplotlib.colors import LogNorm, Normalize
 
-    box = np.broadcast_to(np.asarray(BoxSize, dtype=float), (3,))
+    box = box_vector(BoxSize, "plot_slices")
     ref_p = project_slab(ref, box, thickness, axis, start)
     pred_p = project_slab(pred, box, thickness, axis, start)
     diff = project_slab(

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..geometry import box_vector
 from ..pm import fourier
 
 __all__ = ["PowerResult", "CrossResult", "power_spectrum", "cross_correlation", "default_edges"]
@@ -157,13 +158,6 @@ def _kdtype(arr: np.ndarray):
     return np.float32 if arr.dtype == np.float32 else np.float64
 
 
-def _box_vector(BoxSize) -> np.ndarray:
-    box = np.broadcast_to(np.asarray(BoxSize, dtype=float), (3,)).copy()
-    if np.any(~np.isfinite(box)) or np.any(box <= 0):
-        raise ValueError(f"BoxSize must be positive, got {box.tolist()}")
-    return box
-
-
 def default_edges(
     Nmesh: Sequence[int], BoxSize, dk: float | None = None, kmin: float = 0.0, kmax=None
 ) -> np.ndarray:
@@ -186,7 +180,7 @@ def default_edges(
     -------
     numpy.ndarray of edges (h/Mpc).
     """
-    box = _box_vector(BoxSize)
+    box = box_vector(BoxSize, "default_edges")
     nmesh = np.asarray(Nmesh)
     if dk is None:
         dk = 2 * np.pi / box.min()
@@ -251,7 +245,7 @@ def power_spectrum(
     ``Nz`` reproduce nbodykit there.
     """
     a = _as_field(field, "field")
-    box = _box_vector(BoxSize)
+    box = box_vector(BoxSize, "power_spectrum")
     if second is not None:
         b = _as_field(second, "second")
         if b.shape != a.shape:
@@ -298,7 +292,7 @@ def cross_correlation(
     fb = _as_field(b, "b")
     if fb.shape != fa.shape:
         raise ValueError(f"b has shape {fb.shape}, a has {fa.shape}")
-    box = _box_vector(BoxSize)
+    box = box_vector(BoxSize, "cross_correlation")
     cfields = [_rfft(fa, box, compensate), _rfft(fb, box, compensate)]
     edges = default_edges(fa.shape, box, dk, kmin, kmax)
     pairs = [(0, 0), (1, 1), (0, 1)]
