@@ -26,38 +26,35 @@ import numpy as np
 from nbodykit.base.catalog import CatalogSource
 from nbodykit.base.mesh import MeshSource
 
+from .geometry import BOX_RTOL, box_vector, mesh_vector, wrap_positions
+from .model.params import TARGETS
 from .utils import atomic_dir
 
 __all__ = ["JeraldCatalog", "JeraldMesh"]
-
-#: relative tolerance when comparing box sizes from different sources of truth
-_BOX_RTOL = 1e-6
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
 
 
-def _vec3(value, dtype=float) -> np.ndarray:
-    return np.broadcast_to(np.asarray(value, dtype=dtype), (3,)).copy()
-
-
 def _agree(name: str, candidates: list[tuple[str, object]], integer: bool = False):
     """The value of ``name`` that every present candidate agrees on (None if none present).
+
+    Each value is read by :func:`jerald_nbk.geometry.mesh_vector` (``integer``, an Nmesh) or
+    :func:`jerald_nbk.geometry.box_vector` (a BoxSize), which name the candidate when it is bad.
 
     Raises
     ------
     ValueError
         Naming the two sources and their values when two candidates disagree.
     """
-    present = [(label, v) for label, v in candidates if v is not None]
+    read = mesh_vector if integer else box_vector
+    present = [(label, read(v, label)) for label, v in candidates if v is not None]
     if not present:
         return None
-    label0, v0 = present[0]
-    ref = _vec3(v0, int if integer else float)
-    for label, v in present[1:]:
-        vec = _vec3(v, int if integer else float)
-        same = np.array_equal(vec, ref) if integer else np.allclose(vec, ref, rtol=_BOX_RTOL)
+    label0, ref = present[0]
+    for label, vec in present[1:]:
+        same = np.array_equal(vec, ref) if integer else np.allclose(vec, ref, rtol=BOX_RTOL)
         if not same:
             raise ValueError(
                 f"{name} mismatch: {label0} has {name} {ref.tolist()}, "
@@ -77,17 +74,10 @@ def _resolve_comm(comm, source):
 
 
 def _engine(Nmesh, BoxSize, dtype, backend: str, comm):
-    """A particle-mesh engine for this communicator (``auto``: pmesh with > 1 rank, else JAX)."""
-    from .pm import make_pm
+    """The engine :func:`jerald_nbk.workflow.engine` chooses for this communicator."""
+    from .workflow import engine
 
-    if backend == "auto":
-        backend = "pmesh" if comm.size > 1 else "jax"
-    if backend == "jax" and comm.size > 1:
-        raise ValueError(
-            f"backend='jax' runs on one process, but the communicator has {comm.size} ranks: "
-            "use backend='pmesh' or 'auto'"
-        )
-    return make_pm(Nmesh, BoxSize, dtype=dtype, backend=backend, comm=comm)
+    return engine(Nmesh, BoxSize, dtype=dtype, backend=backend, comm=comm)
 
 
 #: plain-text flavours: (gradient order, Green's function) of the code that wrote the file. LDL
@@ -281,7 +271,8 @@ class JeraldCatalog(CatalogSource):
         Mesh of the displacement layers; default from the parameter file (and the catalog's
         ``attrs['Nmesh']`` if present), which must agree with the argument.
     backend : {"auto", "jax", "pmesh"}
-        Engine; ``auto`` is pmesh with more than one rank, JAX otherwise.
+        Engine, chosen by :func:`jerald_nbk.workflow.engine`: ``auto`` is pmesh with more than one
+        rank, JAX otherwise.
     dtype : {"f4", "f8"}
         Precision of the model (the column keeps the source's Position dtype).
     wrap : bool
@@ -374,7 +365,7 @@ class JeraldCatalog(CatalogSource):
         pos = _local_positions(source, stage.pm.dtype)
         improved = np.asarray(stage.displace(pos, raw), dtype=np.float64)
         if wrap:
-            improved = np.mod(improved, box)
+            improved = wrap_positions(improved, box, "JeraldCatalog")
         src_dtype = source["Position"].dtype
         self._improved = improved.astype(src_dtype if src_dtype.kind == "f" else np.float64)
         self._source = source
@@ -434,8 +425,6 @@ class JeraldCatalog(CatalogSource):
 
 # --------------------------------------------------------------------------------------------
 # mesh
-
-TARGETS = ("dm", "stellar", "hi")
 
 #: units of each target's map before normalisation (``to_real_field(normalize=False)``)
 RAW_UNITS = {
@@ -610,15 +599,14 @@ class JeraldMesh(MeshSource):
         st = self._stages
         eng = self.engine
         pos = _local_positions(self._source, eng.dtype)
+        x = Pipeline(dm=st["dm"]).improve(pos)
         if self._target == "dm":
-            x = Pipeline(dm=st["dm"]).improve(pos)
-            # unit-mass CIC counts, nbodykit's normalize=False; its mean is N / Ncells exactly
+            # unit-mass CIC counts, nbodykit's normalize=False (not the pipeline's 1 + delta map);
+            # its mean is N / Ncells exactly
             return np.asarray(eng.paint(x)), eng.count(x) / eng.ncells
-        pipe = Pipeline(dm=st["dm"], stellar=st["stellar"], hi=st["hi"])
-        x = pipe.improve(pos)
-        star = st["stellar"][0].forward(x, st["stellar"][1])
-        raw = star if self._target == "stellar" else st["hi"][0].forward(x, st["hi"][1], star=star)
-        raw = np.asarray(raw)
+        # the stellar (and HI) maps of the improved positions; no DM density map is painted
+        maps = Pipeline(stellar=st["stellar"], hi=st["hi"]).maps(pos, improved=x)
+        raw = np.asarray(maps[self._target])
         total = float(np.sum(raw, dtype=np.float64))
         if eng.comm is not None and eng.comm.size > 1:
             total = eng.comm.allreduce(total)

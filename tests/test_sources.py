@@ -157,6 +157,16 @@ def test_catalog_mismatched_boxsize(param_files, particles):
         JeraldCatalog(serial_catalog(particles), param_files["dm"], Nmesh=32)
 
 
+def test_catalog_bad_geometry_names_its_source(param_files, particles):
+    # bug caught: Nmesh=16.5 was truncated to 16 and then "agreed" with the parameter file's 16
+    with pytest.raises(ValueError, match=r"the Nmesh argument: Nmesh must be whole numbers"):
+        JeraldCatalog(serial_catalog(particles), param_files["dm"], Nmesh=16.5)
+    # bug caught: a negative BoxSize from the catalog's attrs reached the engine, whose error did
+    # not say which of the three records (argument, parameter file, catalog) was wrong
+    with pytest.raises(ValueError, match=r"the input catalog: BoxSize must be positive"):
+        JeraldCatalog(serial_catalog(particles, BoxSize=-100.0), param_files["dm"])
+
+
 def test_catalog_needs_geometry(particles):
     pipe_free = (Stage(JaxEngine(NMESH, BOX), CONFIGS["dm"]), raw_params("dm"))
     cat = JeraldCatalog(serial_catalog(particles), pipe_free)  # the stage's engine gives both
@@ -232,6 +242,15 @@ def test_mesh_input_checks(param_files, particles):
         JeraldMesh(src, stellar=param_files["dm"], target="stellar")
     with pytest.raises(ValueError, match="BoxSize mismatch"):
         JeraldMesh(src, dm=param_files["dm"], BoxSize=50.0)
+
+
+def test_every_model_target_has_raw_units():
+    # bug caught: a target added to the model's registry (model.params.TARGETS, which JeraldMesh
+    # accepts) without its units here fails with a KeyError after the whole model has run
+    from jerald_nbk.model.params import TARGETS
+    from jerald_nbk.sources import RAW_UNITS
+
+    assert set(RAW_UNITS) == set(TARGETS)
 
 
 # ------------------------------------------------- behaving like nbodykit's own sources
