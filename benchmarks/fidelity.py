@@ -611,6 +611,9 @@ def _section(z: float, res: dict) -> dict:
         if all(d["JERALD"][k] == 0 for k in FOMS)
     ]
     notes += explain(res)
+    # measurements made outside this script (how, where and with which numbers), kept with the
+    # record so that a rebuilt report keeps them
+    notes += [f"**Measured separately**: {n}" for n in res.get("notes", [])]
     return {"title": f"z = {z:g}", "text": "\n\n".join(notes), "tables": tables, "figures": figs}
 
 

@@ -174,6 +174,9 @@ def test_report_explains_each_missed_goal_with_its_measurement():
     assert "67.0% predicted vs 0.0% in the truth" in missed
     met = fid._section(0.0, _record(True))["text"]
     assert "HI: within 30%" not in met
+    # measurements made outside the script are kept with the record and shown
+    rec = _record(True) | {"notes": ["HI trained with n = 1: within 30% to k = 2"]}
+    assert "**Measured separately**: HI trained with n = 1" in fid._section(0.0, rec)["text"]
 
 
 @pytest.fixture(scope="module")
