@@ -14,6 +14,7 @@ from jerald_nbk.io import (
     rank_range,
     read_catalog,
     read_mesh,
+    read_mesh_slab,
     sidecar_path,
     write_catalog,
     write_mesh,
@@ -456,3 +457,141 @@ def test_mpi_read_mesh_broadcasts(tmp_path):
     np.testing.assert_array_equal(out, arr)
     with pytest.raises(ValueError, match="no dataset 'Other'"):
         read_mesh(path, dataset="Other", comm=comm)
+
+
+# ------------------------------------------------------------- slab reads (issue 13, item 3)
+
+
+@pytest.mark.parametrize("name", ["m", "m.npy"])
+def test_read_mesh_slab_is_the_slice(tmp_path, name):
+    """``read_mesh_slab`` returns ``mesh[slices]``; out-of-range planes and steps are refused."""
+    arr = random_mesh((6, 5, 4), np.float32, seed=12)
+    write_mesh(tmp_path / name, arr, 10.0)
+    part, attrs = read_mesh_slab(tmp_path / name, (slice(2, 5), slice(None), slice(1, 3)))
+    np.testing.assert_array_equal(part, arr[2:5, :, 1:3])
+    assert attrs["Nmesh"].tolist() == [6, 5, 4]  # the whole mesh's, not the part's
+    part, _ = read_mesh_slab(tmp_path / name, (slice(4, None),))
+    np.testing.assert_array_equal(part, arr[4:])
+    with pytest.raises(ValueError, match=r"planes \[3, 9\) outside"):
+        read_mesh_slab(tmp_path / name, (slice(3, 9),))
+    with pytest.raises(ValueError, match="step"):
+        read_mesh_slab(tmp_path / name, (slice(0, 6, 2),))
+    with pytest.raises(ValueError, match="BoxSize"):
+        read_mesh_slab(tmp_path / name, (slice(0, 2),), BoxSize=9.0)
+
+
+def test_read_mesh_slab_reads_only_its_rows(tmp_path, monkeypatch):
+    """A slab of a bigfile mesh asks bigfile for its planes' rows only (not the whole block)."""
+    from jerald_nbk.io import _bigfile
+
+    arr = random_mesh((8, 3, 2), np.float64, seed=13)
+    write_mesh(tmp_path / "m", arr, 4.0)
+    asked = []
+    real = _bigfile.read_rows
+
+    def spy(block, start, stop, *a):
+        asked.append((start, stop))
+        return real(block, start, stop, *a)
+
+    monkeypatch.setattr(_bigfile, "read_rows", spy)
+    part, _ = read_mesh_slab(tmp_path / "m", (slice(5, 7), slice(None), slice(None)))
+    np.testing.assert_array_equal(part, arr[5:7])
+    assert asked == [(5 * 6, 7 * 6)]
+
+
+@pytest.mark.mpi(min_size=2)
+def test_mpi_read_mesh_slab_pmesh_engine(tmp_path):
+    """Each rank of a pmesh engine reads its own slab: together they are the whole mesh, and an
+    error on one rank (a missing file there) is raised on every rank."""
+    from mpi4py import MPI
+
+    from jerald_nbk.pm import PmeshEngine
+
+    comm = MPI.COMM_WORLD
+    root = _shared_dir(comm, tmp_path)
+    arr = random_mesh((8, 8, 8), np.float32, seed=14)
+    pm = PmeshEngine(8, 5.0, dtype="f4", comm=comm)
+    for name in ("m", "m.npy"):
+        write_mesh(os.path.join(root, name), arr, 5.0, comm=comm)
+        sl = pm.local_slices("real")
+        part, attrs = read_mesh_slab(os.path.join(root, name), sl, comm=comm)
+        assert part.shape == pm.local_real_shape and part.shape[0] < 8  # not the whole mesh
+        np.testing.assert_array_equal(part, arr[sl])
+        np.testing.assert_array_equal(pm.to_global(part), arr)
+    missing = os.path.join(root, "m" if comm.rank == 0 else "none")
+    with pytest.raises((FileNotFoundError, ValueError)):
+        read_mesh_slab(missing, pm.local_slices("real"), comm=comm)
+
+
+# ------------------------------------------- metadata carried from inputs to outputs (issue 12)
+
+
+@pytest.mark.parametrize("dataset", ["1", None])
+def test_write_catalog_keeps_the_input_columns_and_attrs(tmp_path, dataset):
+    """``keep_from``: an improved catalog keeps Velocity, ID, Mass and the input's redshift and
+    cosmology; the new Position and the given attrs win; a length mismatch writes nothing."""
+    cols = random_catalog(n=40, seed=15)
+    cosmo = {"Omega_m": 0.3089, "h": 0.6774}
+    write_catalog(
+        tmp_path / "in",
+        cols,
+        {"BoxSize": 10.0, "redshift": 2.0, "cosmology": cosmo, "Om0": 0.3089},
+        dataset=dataset,
+    )
+    moved = np.mod(cols["Position"] + 0.25, 10.0).astype(np.float32)
+    write_catalog(
+        tmp_path / "out",
+        {"Position": moved},
+        {"BoxSize": 10.0, "model": "JERALD"},
+        keep_from=tmp_path / "in",
+        keep_dataset=dataset,
+    )
+    data, attrs = read_catalog(tmp_path / "out", ["Position", "Velocity", "ID", "Mass"])
+    np.testing.assert_array_equal(data["Position"], moved)
+    for name in ("Velocity", "ID", "Mass"):
+        np.testing.assert_array_equal(data[name], cols[name])
+        assert data[name].dtype == cols[name].dtype
+    assert attrs["redshift"] == 2.0 and attrs["cosmology"] == cosmo and attrs["Om0"] == 0.3089
+    assert attrs["model"] == "JERALD"
+    with pytest.raises(ValueError, match=r"in: its columns .* have \[40\] rows"):
+        write_catalog(
+            tmp_path / "short", {"Position": moved[:7]}, keep_from=tmp_path / "in",
+            keep_dataset=dataset,
+        )  # fmt: skip
+    assert not (tmp_path / "short").exists()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_mpi_write_catalog_keeps_the_input_columns(tmp_path):
+    """Under MPI each rank's share of the input's columns goes with its share of the new ones."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    root = _shared_dir(comm, tmp_path)
+    full = random_catalog(n=31, seed=16)
+    if comm.rank == 0:
+        write_catalog(os.path.join(root, "in"), full, {"BoxSize": 10.0, "redshift": 5.0})
+    comm.barrier()
+    start, stop = rank_range(31, comm.rank, comm.size)
+    new = full["Position"][start:stop] * 0.5
+    out = os.path.join(root, "out")
+    write_catalog(out, {"Position": new}, {"BoxSize": 10.0}, comm=comm,
+                  keep_from=os.path.join(root, "in"))  # fmt: skip
+    data, attrs = read_catalog(out, ["Position", "ID", "Velocity"])
+    np.testing.assert_array_equal(data["Position"], full["Position"] * 0.5)
+    np.testing.assert_array_equal(data["ID"], full["ID"])
+    np.testing.assert_array_equal(data["Velocity"], full["Velocity"])
+    assert attrs["redshift"] == 5.0
+
+
+def test_inherited_attrs():
+    """Redshift, scale factor, cosmology and Om0 from the first source that has them; redshift
+    from FastPM's Time (1/a - 1) and Time from a redshift."""
+    from jerald_nbk.io.meshes import inherited_attrs
+
+    fastpm = {"Time": 0.25, "OmegaM": 0.31, "BoxSize": 20.0}
+    got = inherited_attrs(None, fastpm)
+    assert got == {"Time": 0.25, "Om0": 0.31, "redshift": pytest.approx(3.0)}
+    got = inherited_attrs({"redshift": 0.0}, {"redshift": 2.0, "cosmology": {"h": 0.7}})
+    assert got == {"redshift": 0.0, "Time": 1.0, "cosmology": {"h": 0.7}}
+    assert inherited_attrs({"redshift": None}, {}) == {}

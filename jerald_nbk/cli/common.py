@@ -8,6 +8,7 @@ module (:mod:`.main`, :mod:`.ldl`, :mod:`.ref`) holds only its own command and i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,11 +100,20 @@ def read_target(path, pm, kind: str, scale: float = 1.0):
 
 
 def mesh_of(path) -> tuple[tuple, np.ndarray]:
-    """(Nmesh, BoxSize) recorded in a mesh file (bigfile or .npy)."""
-    from ..io import read_mesh
+    """(Nmesh, BoxSize) recorded in a 3-D mesh file (bigfile or .npy), its values left unread.
 
-    _, attrs = read_mesh(path)
-    return tuple(int(n) for n in attrs["Nmesh"]), np.asarray(attrs["BoxSize"], dtype=float)
+    Raises
+    ------
+    ValueError
+        Naming the file: not a 3-D mesh (a 2-D slice, say), or what :func:`read_mesh` refuses.
+    """
+    from ..io import read_mesh_slab
+
+    _, attrs = read_mesh_slab(path, (slice(0, 0),))  # no plane: the header and its checks only
+    nmesh = tuple(int(n) for n in attrs["Nmesh"])
+    if len(nmesh) != 3:
+        raise ValueError(f"map {path}: expected a 3-D mesh, found Nmesh {list(nmesh)}")
+    return nmesh, np.asarray(attrs["BoxSize"], dtype=float)
 
 
 def infer_layers(n_values: int, target: str, path, hi_shift=None) -> tuple[int, bool]:
@@ -203,20 +213,142 @@ def region_losses(pm, stage, pos, target, cfg, raw, star=None) -> dict:
     return Objective(stage, pos, target, cfg, star=star).losses(raw)
 
 
-def write_map(pm, local, path, attrs: dict, fmt: str = "bigfile") -> Path:
-    """Write a local mesh as a whole-mesh file (rank 0, atomically): bigfile dir or ``.npy``."""
+def map_path(path, fmt: str = "bigfile") -> Path:
+    """The file a map of ``path`` is written to: ``path`` (bigfile) or ``path.npy``."""
+    path = Path(path)
+    return path.with_name(path.name + ".npy") if fmt == "npy" else path
+
+
+def write_map(pm, local, path, attrs: dict, fmt: str = "bigfile", overwrite: bool = False) -> Path:
+    """Write a local mesh as a whole-mesh file (rank 0, atomically): bigfile dir or ``.npy``.
+
+    An existing path that is not a previous output of ours is an error unless ``overwrite``
+    (:func:`jerald_nbk.io.write_mesh`).
+    """
     from .. import workflow as wf
     from ..io import write_mesh
     from ..utils import root_only
 
-    path = Path(path)
-    if fmt == "npy":
-        path = path.with_name(path.name + ".npy")
+    path = map_path(path, fmt)
     full = wf.to_global(pm, local)
     with root_only(pm.comm, f"writing {path}") as root:
         if root:
-            write_mesh(path, np.asarray(full), pm.BoxSize, attrs)
+            write_mesh(path, np.asarray(full), pm.BoxSize, attrs, overwrite=overwrite)
     return path
+
+
+def check_outputs(
+    comm,
+    outdir,
+    flag: str,
+    maps=(),
+    files=(),
+    train_dir=None,
+    overwrite: bool = False,
+) -> None:
+    """Refuse, before anything is computed or written, outputs that would fail or clobber.
+
+    Parameters
+    ----------
+    comm : MPI communicator or None
+        Rank 0 checks; every rank raises its error.
+    outdir : path-like
+        The output directory (``--save``, ``--outpath``): it, or its first existing ancestor, must
+        be a directory.
+    flag : str
+        The option naming ``outdir``, for messages.
+    maps : paths
+        Map outputs (bigfile directories or ``.npy``): an existing one must be a previous output
+        of ours (:func:`jerald_nbk.io.meshes.check_mesh_output`) unless ``overwrite``.
+    files : paths
+        Plain files rewritten in place (parameter and optimiser-state files, as the original
+        scripts rewrite them): an existing one must be a regular file.
+    train_dir : path-like, optional
+        A training directory: an existing one must be a directory (its content is checked by
+        :func:`jerald_nbk.train.train`: a run of ours, or an error).
+    overwrite : bool
+
+    Raises
+    ------
+    ForeignOutputError
+        Naming the path, why it is refused, and what to do.
+    """
+    from ..io.meshes import check_mesh_output
+    from ..utils import ForeignOutputError, root_only
+
+    def check():
+        out = Path(outdir)
+        anc = out
+        while not anc.exists() and anc != anc.parent:
+            anc = anc.parent
+        if not anc.is_dir():
+            where = f"{flag} {out}" + ("" if anc == out else f": {anc}")
+            raise ForeignOutputError(
+                f"{where} is a file, not a directory: the outputs cannot go there (it is left "
+                f"untouched); choose another {flag}"
+            )
+        for m in maps:
+            check_mesh_output(m, overwrite)
+        for f in (*files, *([train_dir] if train_dir is not None else [])):
+            f = Path(f)
+            want_dir = train_dir is not None and f == Path(train_dir)
+            if os.path.lexists(f) and (f.is_dir() != want_dir or f.is_symlink()):
+                what = "a directory" if want_dir else "a regular file"
+                raise ForeignOutputError(
+                    f"output {f} exists and is not {what}: it is left untouched; remove it or "
+                    f"choose another {flag}"
+                )
+
+    with root_only(comm, f"checking {flag} {outdir}") as root:
+        if root:
+            check()
+
+
+#: the smallest value an option may take: > bound ("gt") or >= bound ("ge"), by dest name
+OPTION_RANGES = {
+    "eta0": ("gt", 0),
+    "eta_final": ("gt", 0),
+    "tau": ("gt", 0),
+    "checkpoint_every": ("ge", 0),  # 0: a checkpoint at the end only
+    "Nmesh": ("gt", 0),
+    "Nstep": ("gt", 0),
+    "BoxSize": ("gt", 0),
+    "ne_scale": ("gt", 0),
+    "T_scale": ("gt", 0),
+    "target_scale": ("gt", 0),
+    "steps": ("ge", 0),
+    "n": ("ge", 0),
+    "snapNum": ("ge", 0),
+    "redshift": ("gt", -1),
+}
+
+
+def check_option_values(args, dests=None) -> None:
+    """Refuse option values of the wrong sign (a negative step count, a zero box...).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+    dests : iterable of str, optional
+        The options to check (default: every one of :data:`OPTION_RANGES` that ``args`` has);
+        unset options (None) pass.
+
+    Raises
+    ------
+    UsageError
+        Naming the option (``--`` + its dest with ``-`` for ``_``), the expected range and the
+        value found.
+    """
+    for dest in dests if dests is not None else OPTION_RANGES:
+        v = getattr(args, dest, None)
+        if v is None or isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        how, bound = OPTION_RANGES[dest]
+        ok = np.isfinite(v) and (v > bound if how == "gt" else v >= bound)
+        if not ok:
+            want = f"a value {'>' if how == 'gt' else '>='} {bound:g}"
+            flag = "--" + dest.replace("_", "-")
+            raise UsageError(f"option {flag}: expected {want}, found {v:g}")
 
 
 def say(pm, msg: str, err: bool = False) -> None:
@@ -298,7 +430,7 @@ def add_engine_options(p: argparse.ArgumentParser, adam_defaults: bool = True) -
         "--checkpoint-every",
         type=int,
         default=d["checkpoint_every"],
-        help=f"steps between checkpoints (default 25{only})",
+        help=f"steps between checkpoints (default 25, 0: at the end only{only})",
     )
     g.add_argument("--dataset", default="auto", help="catalog dataset: auto, '1' or '' (top level)")
     g.add_argument(
@@ -309,6 +441,12 @@ def add_engine_options(p: argparse.ArgumentParser, adam_defaults: bool = True) -
         "or NAME.npy with a JSON sidecar",
     )
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an output map (or training directory) that is not a previous output of "
+        "ours; without it such a path is an error and is left untouched",
+    )
 
 
 def train_config(args, smoothing_n: float, split: str):

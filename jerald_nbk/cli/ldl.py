@@ -41,6 +41,14 @@ The physical cell volume is ``(a BoxSize / Nmesh Mpc / h)^3`` with ``a = 1 / (1 
 the header. The temperature ``T`` of the tSZ / X-ray targets is ``nT / ne`` (0 where ``ne = 0``):
 the electron-density-weighted temperature, as LDL's.
 
+Outputs are checked before anything is computed: a map path holding something we did not write,
+or a directory where a file goes, is an error naming it (``--overwrite`` replaces it); the
+parameter file is rewritten as LDL.py rewrites it. Maps carry BoxSize, Nmesh, the input's
+redshift (and scale factor, cosmology), units, the model, the parameter file and the command.
+TNG particles are checked as ``jerald make-target`` checks them (masses and abundances >= 0,
+positions more than one box length outside warned about, more than ten refused) before they are
+wrapped into the box.
+
 Targets. The tSZ / X-ray targets compose LDL's output ``F`` with a second field
 (:class:`jerald_nbk.model.composed.ComposedModel`, LDL's ``smoothed_residue``), and fit the
 composed map to the observable:
@@ -77,8 +85,11 @@ import numpy as np
 from .common import (
     UsageError,
     add_engine_options,
+    check_option_values,
+    check_outputs,
     fmt_losses,
     load_plain_or_json,
+    map_path,
     mesh_of,
     read_positions,
     read_target,
@@ -102,6 +113,8 @@ COMPOSED = {
 LDL_NMESH = 625
 LDL_MAXITER = 2000
 ADAM_STEPS = 500
+#: the maps a target writes (``{name}_snap..._map``), when not the target's own name
+MAP_NAMES = {"kSZ": ("ne", "kSZ"), "tSZ_T": ("tSZ",), "Xray_T": ("Xray",)}
 #: the Adam-only options (dest names) and their flags
 ADAM_ONLY = {
     "eta0": "--eta0",
@@ -182,7 +195,14 @@ def _snapshot_rows(files, pm, ptype: int, datasets) -> tuple[dict, dict, float]:
     Coordinates come back in Mpc/h, wrapped into the box; the snapshot's BoxSize must equal the
     model's.
     """
-    from ..io.snapshots import _collective, _length_factor, _my_rows, _read_rows, read_headers
+    from ..io.snapshots import (
+        _check_rows,
+        _collective,
+        _length_factor,
+        _my_rows,
+        _read_rows,
+        read_headers,
+    )
     from ..train.validate import check_same_box
 
     comm = _comm(pm)
@@ -199,7 +219,11 @@ def _snapshot_rows(files, pm, ptype: int, datasets) -> tuple[dict, dict, float]:
     counts = np.array([int(h["NumPart_ThisFile"][ptype]) for h in heads], dtype=np.int64)
     shares = _my_rows(counts, comm.rank, comm.size)
     cols = _collective(comm, _read_rows, files, heads, ptype, tuple(datasets), shares)
-    cols["Coordinates"] = np.mod(cols["Coordinates"].reshape(-1, 3) * length, box)
+    pos = cols["Coordinates"].reshape(-1, 3) * length
+    # masses and abundances >= 0, positions at most ten box lengths out, before wrapping
+    signed = {k: v for k, v in cols.items() if k not in ("Coordinates", "Velocities")}
+    _check_rows(pos, signed.pop("Masses", np.zeros(0)), signed, box, files, ptype, comm)
+    cols["Coordinates"] = np.mod(pos, box)
     return cols, h0, length
 
 
@@ -419,6 +443,7 @@ def _check_options(args) -> None:
     from .common import ADAM_DEFAULTS
 
     t = args.target
+    check_option_values(args)
     if args.optimizer == "lbfgsb":
         given = [flag for dest, flag in ADAM_ONLY.items() if getattr(args, dest) is not None]
         if args.resume:
@@ -569,6 +594,23 @@ def cmd_ldl(args) -> int:
             args.restore, stage_target, "ldl", pm, order, green, args.Nstep
         )
     nstep = restored[0].config.n_layers if restored else (args.Nstep or 2)
+    out = Path(args.save)
+    stem = ldl_stem(t, args.snapNum, nmesh[0], nstep, args.n)
+    ppath = out / f"{stem}_bestparam.txt"
+    train_outputs = not args.evaluateOnly
+    check_outputs(
+        pm.comm,
+        out,
+        "--save",
+        maps=[
+            map_path(out / f"{ldl_stem(name, args.snapNum, nmesh[0], nstep, args.n)}_map",
+                     args.map_format)
+            for name in MAP_NAMES.get(t, (t,))
+        ],
+        files=[ppath] if train_outputs else [],
+        train_dir=out / f"{stem}_train" if train_outputs else None,
+        overwrite=args.overwrite,
+    )  # fmt: skip
     improve = ne_stage = None
     if args.improveFastPM:
         improve = load_plain_or_json(args.improveFastPM, "dm", "ldl", pm, order, green)
@@ -585,6 +627,7 @@ def cmd_ldl(args) -> int:
                 raise ValueError(f"{err} (set the box size with --BoxSize)") from None
             raise
         redshift = cattrs.get("redshift")
+        source_attrs = cattrs
         if t == "kSZ":
             from ..io import read_catalog
 
@@ -592,6 +635,7 @@ def cmd_ldl(args) -> int:
             vel = np.asarray(cols["Velocity"], dtype=pm.dtype)[:, 2]
     else:
         pos, vel, redshift = tng_particles(src.dark_files, pm, velocity=t == "kSZ")
+        source_attrs = {"redshift": redshift}
     raw_pos = pos
     if improve is not None:
         say(pm, f"[{PROG}] improving the particles with {args.improveFastPM}")
@@ -615,9 +659,6 @@ def cmd_ldl(args) -> int:
     specs = ldl_table(stage_target, config.n_layers, pm.Nmesh, pm.BoxSize, w_init)
     model = ComposedModel(Stage(pm, config, w_init=w_init), index, field2, specs)
     cfg = train_config(args, args.n, "ldl")
-    out = Path(args.save)
-    stem = ldl_stem(t, args.snapNum, nmesh[0], nstep, args.n)
-    ppath = out / f"{stem}_bestparam.txt"
 
     if args.evaluateOnly:
         raw = restored[1]
@@ -646,7 +687,15 @@ def cmd_ldl(args) -> int:
         else:
             say(pm, f"[{PROG}] training {t} ({nstep} layers, {args.steps} Adam steps) -> {workdir}")
             res = wf.fit_stage(
-                model, pos, target, workdir, cfg, raw0, provenance=prov, resume=args.resume
+                model,
+                pos,
+                target,
+                workdir,
+                cfg,
+                raw0,
+                provenance=prov,
+                resume=args.resume,
+                overwrite=args.overwrite,
             ).result
         raw = res.best_raw
         say(
@@ -664,7 +713,16 @@ def cmd_ldl(args) -> int:
 
     # the maps LDL.py writes
     F = model.base(pos, raw)
-    attrs = {"target": t, "parameters": str(args.restore if args.evaluateOnly else ppath)}
+    from ..io.meshes import inherited_attrs
+
+    attrs = {
+        **inherited_attrs(source_attrs),
+        "target": t,
+        "parameters": str(args.restore if args.evaluateOnly else ppath),
+        "model": f"LDL (Dai & Seljak), {PROG} of jerald_nbk",
+        "command": " ".join([PROG, *sys.argv[1:]]),
+        "BoxSize_units": "Mpc/h",
+    }
     maps = []
     if t == "kSZ":
         ne = F / args.ne_scale
@@ -685,7 +743,9 @@ def cmd_ldl(args) -> int:
         maps.append((t, F, {"dm": "1+delta"}.get(t, "the target's units")))
     for name, local, units in maps:
         path = out / f"{ldl_stem(name, args.snapNum, nmesh[0], nstep, args.n)}_map"
-        mpath = write_map(pm, local, path, attrs | {"units": units}, args.map_format)
+        mpath = write_map(
+            pm, local, path, attrs | {"units": units}, args.map_format, args.overwrite
+        )
         say(pm, f"[{PROG}] map: {mpath}")
     return 0
 

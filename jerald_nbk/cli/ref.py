@@ -27,6 +27,13 @@ Files in ``--outpath`` (``STEM = {target}_Nmesh{N}_Nstep{S}_n{n:.2f}``, the scri
 * ``STEM_train/``: the training run, ``checkpoint.npz`` (parameters, Adam state, step, best so
   far), ``metrics.jsonl``, ``params.json``, ``training.png``.
 
+Before anything is computed, the outputs are checked: a map path holding something we did not
+write, or a directory where a file goes, is an error naming it (``--overwrite`` replaces it);
+the parameter and optimiser-state files are rewritten as the script rewrites them. Maps carry
+BoxSize, Nmesh, the catalog's redshift (and scale factor ``Time``) and cosmology, units, the model,
+the parameter file and the command. Option values of the wrong sign (``--steps -5``,
+``--eta0 0``, ``--redshift -2``) are usage errors.
+
 ``--optpath`` takes the reference's ``*_optstate.txt`` (the Adam moments and step count continue;
 the parameters are those in its ``params`` section, else the initial values, as the script does),
 our ``STEM_train/`` directory or its ``checkpoint.npz`` (exact resume), or a parameter file
@@ -46,7 +53,10 @@ import numpy as np
 from .common import (
     UsageError,
     add_engine_options,
+    check_option_values,
+    check_outputs,
     fmt_losses,
+    map_path,
     mesh_of,
     positions_from_columns,
     read_target,
@@ -185,12 +195,22 @@ def _checkpoint_of(optpath) -> Path | None:
     return None
 
 
+def _check_readable(path: Path) -> None:
+    """A checkpoint given to --optpath must be one of ours, readable (checked before any work)."""
+    from ..train.loop import is_checkpoint
+
+    if not is_checkpoint(path):
+        raise ValueError(
+            f"checkpoint {path} is unreadable or not a jerald-nbk checkpoint (truncated by a "
+            "full disk or a copy cut short?): resume from an intact copy, or start afresh "
+            "without --optpath (a parameter file given to --optpath starts from its values)"
+        )
+
+
 def _check_checkpoint(path: Path, n_params: int) -> None:
-    try:
-        with np.load(path) as z:
-            shape = tuple(z["raw"].shape)
-    except (OSError, KeyError, ValueError) as err:
-        raise ValueError(f"checkpoint {path}: not a jerald-nbk checkpoint ({err})") from None
+    _check_readable(path)
+    with np.load(path) as z:
+        shape = tuple(z["raw"].shape)
     if shape != (n_params,):
         raise ValueError(
             f"checkpoint {path}: {shape[0] if shape else 0} parameters, the model has {n_params} "
@@ -279,6 +299,7 @@ def cmd_ref(args) -> int:
     from ..utils import root_only
 
     t, st = args.target, STAGE[args.target]
+    check_option_values(args)
     if not args.evalpath and not args.refpath:
         raise UsageError("training needs the reference map: --refpath MAP (or --evalpath FILE)")
     if t == "HI" and not args.Mstarpath:
@@ -340,6 +361,8 @@ def cmd_ref(args) -> int:
             optstate = load_ref_optstate(args.optpath, st, pm, order, nstep=args.Nstep)
         else:
             start = load_ref_stage(args.optpath, st, pm, order, nstep=args.Nstep)
+    elif args.optpath:
+        _check_readable(_checkpoint_of(args.optpath))
     improve = load_ref_stage(args.improvepath, "dm", pm, order) if args.improvepath else None
     star_stage = None
     if t == "HI" and not _is_mesh(args.Mstarpath):
@@ -355,6 +378,20 @@ def cmd_ref(args) -> int:
         shift = t == "HI" and not args.no_hi_shift
         config = StageConfig(st, args.Nstep or 2, order, shift)
     nstep = config.n_layers
+    out = Path(args.outpath)
+    stem = f"{t}_Nmesh{nmesh[0]}_Nstep{nstep}_n{n:.2f}"
+    training = evaluated is None
+    check_outputs(
+        comm if comm.size > 1 else None,
+        out,
+        "--outpath",
+        maps=[map_path(out / f"{stem}_map", args.map_format)],
+        files=[out / f"{stem}{s}" for s in ("_bestparam.txt", "_bestparam.json", OPTSTATE_SUFFIX)]
+        if training
+        else [],
+        train_dir=out / f"{stem}_train" if training else None,
+        overwrite=args.overwrite,
+    )
 
     # inputs
     pos = positions_from_columns(cols["Position"], cattrs, pm, args.Nbodypath)
@@ -377,8 +414,6 @@ def cmd_ref(args) -> int:
         w_init = max(float(pm.sum(target)) / pm.ncells, 1e-5)
     stage = Stage(pm, config, w_init=w_init)
     cfg = train_config(args, n, "paper")
-    out = Path(args.outpath)
-    stem = f"{t}_Nmesh{nmesh[0]}_Nstep{nstep}_n{n:.2f}"
     prov = {
         "command": " ".join([PROG, *sys.argv[1:]]),
         "Nbodypath": str(args.Nbodypath),
@@ -447,10 +482,20 @@ def cmd_ref(args) -> int:
                 resume=False,
                 opt_state0=optax_adam_state(ost),
                 start_step=ost.step,
+                overwrite=args.overwrite,
             ).result
         else:
             res = wf.fit_stage(
-                stage, pos, target, workdir, cfg, raw0, star=star, provenance=prov, resume=resume
+                stage,
+                pos,
+                target,
+                workdir,
+                cfg,
+                raw0,
+                star=star,
+                provenance=prov,
+                resume=resume,
+                overwrite=args.overwrite,
             ).result
         raw = res.best_raw
         say(
@@ -481,10 +526,22 @@ def cmd_ref(args) -> int:
         source = str(txt)
 
     pred = stage.forward(pos, raw, star=star) * (scale if t == "HI" else 1.0)
-    attrs = {"target": t, "parameters": source, "redshift": z}
+    from ..io.meshes import inherited_attrs
+
+    attrs = {
+        **inherited_attrs({"redshift": z} if z is not None else None, cattrs),
+        "target": t,
+        "parameters": source,
+        "model": f"JERALD (Rigo, Trotta & Viel), {PROG} of jerald_nbk",
+        "command": " ".join([PROG, *sys.argv[1:]]),
+        "units": {"dm": "1+delta (DM mass)", "Mstar": "the reference map's units"}.get(
+            t, "the reference map's units (HI: multiplied back by target_scale)"
+        ),
+        "BoxSize_units": "Mpc/h",
+    }
     if t == "HI":
         attrs["target_scale"] = scale
-    mpath = write_map(pm, pred, out / f"{stem}_map", attrs, args.map_format)
+    mpath = write_map(pm, pred, out / f"{stem}_map", attrs, args.map_format, args.overwrite)
     say(pm, f"[{PROG}] map: {mpath}")
     return 0
 

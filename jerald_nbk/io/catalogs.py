@@ -29,7 +29,7 @@ import numpy as np
 from ..utils import atomic_dir, fault_point, gather_errors
 from . import _bigfile
 
-__all__ = ["read_catalog", "write_catalog", "rank_range"]
+__all__ = ["read_catalog", "write_catalog", "rank_range", "catalog_columns", "catalog_attrs"]
 
 #: columns that are 3-vectors per particle whenever present
 VECTOR_COLUMNS = ("Position", "Velocity")
@@ -200,6 +200,60 @@ def _check_columns(path, columns: Mapping, where_rank: str = "") -> dict:
     return out
 
 
+def catalog_columns(path, dataset: str | None = "1") -> list[str]:
+    """The column names of a bigfile catalog's ``dataset`` (header blocks left out).
+
+    Parameters
+    ----------
+    path : str or Path
+    dataset : str or None
+        As :func:`read_catalog`'s.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        No such catalog, or no such dataset in it.
+    """
+    path = Path(path)
+    prefix = _prefix(dataset)
+    with _bigfile.open_file(path, "catalog") as ff:
+        blocks = set(ff.blocks)
+    if prefix and not any(b.startswith(prefix) for b in blocks):
+        raise ValueError(f"catalog {path}: no {_dataset_label(dataset)} (blocks: {sorted(blocks)})")
+    names = (b[len(prefix) :] for b in blocks if b.startswith(prefix))
+    return sorted(b for b in names if b and "/" not in b and b not in HEADER_BLOCKS)
+
+
+def catalog_attrs(path, dataset: str | None = "1") -> dict:
+    """A bigfile catalog's merged attributes, as :func:`read_catalog` returns them."""
+    path = Path(path)
+    with _bigfile.open_file(path, "catalog") as ff:
+        return _read_header(ff, path, _prefix(dataset), set(ff.blocks))
+
+
+def _kept(keep_from, keep_dataset, columns: Mapping, attrs: dict, comm):
+    """``columns`` and ``attrs`` completed with the input catalog's other columns and attrs."""
+    if keep_from is None:
+        return columns, attrs
+    others = [c for c in catalog_columns(keep_from, keep_dataset) if c not in columns]
+    use = comm if comm is not None and comm.size > 1 else None
+    kept_cols: dict = {}
+    if others:
+        kept_cols, kept_attrs = read_catalog(keep_from, others, dataset=keep_dataset, comm=use)
+    else:
+        kept_attrs = catalog_attrs(keep_from, keep_dataset)
+    n_in = {len(v) for v in kept_cols.values()}
+    n_out = {len(np.asarray(v)) for v in columns.values()}
+    if kept_cols and n_in != n_out:
+        where = f" on rank {comm.rank}" if use is not None else ""
+        raise ValueError(
+            f"catalog {keep_from}: its columns {others} have {sorted(n_in)} rows{where}, the "
+            f"columns written have {sorted(n_out)}: they must be the same particles, in the "
+            "same order and the same share per rank"
+        )
+    return {**columns, **kept_cols}, {**kept_attrs, **attrs}
+
+
 def write_catalog(
     path,
     columns: Mapping,
@@ -207,6 +261,8 @@ def write_catalog(
     dataset: str | None = "1",
     comm=None,
     overwrite: bool = False,
+    keep_from=None,
+    keep_dataset: str | None = "1",
 ) -> None:
     """Write a bigfile catalog that :func:`read_catalog` and nbodykit's ``BigFileCatalog`` read.
 
@@ -228,17 +284,37 @@ def write_catalog(
         rank's input is bad or the write fails, and then nothing is left on disk.
     overwrite : bool
         Replace whatever stands at ``path`` (default: only a previous output of ours).
+    keep_from : str or Path, optional
+        An input catalog whose particles ``columns`` describe (e.g. improved positions of its
+        particles): its columns that ``columns`` does not give (``Velocity``, ``ID``, ...) are
+        copied (this rank's rows, read as :func:`read_catalog` reads them with ``comm``) and its
+        attributes (redshift, cosmology, ...) are kept under ``attrs``, which override them.
+    keep_dataset : str or None
+        The dataset of ``keep_from`` (as :func:`read_catalog`'s ``dataset``).
 
     Raises
     ------
     ValueError
-        Bad columns or attributes; nothing is written.
+        Bad columns or attributes, or ``keep_from``'s columns of another length than
+        ``columns`` (on any rank); nothing is written.
     jerald_nbk.utils.ForeignOutputError
         ``path`` holds something that is not a previous output of ours; it is left untouched.
     """
     path = Path(path)
     prefix = _prefix(dataset)
     attrs = dict(attrs or {})
+    if keep_from is not None:
+        if comm is not None and comm.size > 1:
+            try:
+                res, err = _kept(keep_from, keep_dataset, columns, attrs, comm), None
+            except (OSError, ValueError) as e:
+                res, err = None, e
+            first = next((e for e in comm.allgather(err) if e is not None), None)
+            if first is not None:
+                raise first
+            columns, attrs = res
+        else:
+            columns, attrs = _kept(keep_from, keep_dataset, columns, attrs, None)
     if comm is None or comm.size == 1:
         cols = _check_columns(path, columns)
         with atomic_dir(path, overwrite=overwrite) as tmp:

@@ -34,7 +34,14 @@ import numpy as np
 from ..utils import ForeignOutputError, atomic_dir, atomic_write
 from . import _bigfile
 
-__all__ = ["write_mesh", "read_mesh", "sidecar_path"]
+__all__ = [
+    "write_mesh",
+    "read_mesh",
+    "sidecar_path",
+    "check_mesh_output",
+    "inherited_attrs",
+    "read_mesh_slab",
+]
 
 #: attributes a real mesh always carries (nbodykit's BigFileMesh needs all three)
 MESH_ATTRS = ("Nmesh", "BoxSize", "ndarray.shape")
@@ -165,10 +172,81 @@ def write_mesh(
                 _bigfile.set_attrs(bb, attrs, f"{where}: dataset {dataset!r}")
 
 
+#: what a map inherits from the catalog, snapshot or parameter file it was made from (what
+#: nbodykit users look for): name in the map -> names it may have in the source, first found wins
+INHERITED_ATTRS = {
+    "redshift": ("redshift", "Redshift"),
+    "Time": ("Time", "ScalingFactor"),
+    "cosmology": ("cosmology",),
+    "Om0": ("Om0", "OmegaM", "Omega0", "Omega_m"),
+    "HubbleParam": ("HubbleParam", "h"),
+}
+
+
+def inherited_attrs(*sources: Mapping | None) -> dict:
+    """The redshift, scale factor and cosmology a map inherits from its sources.
+
+    Parameters
+    ----------
+    *sources : mappings or None
+        Attributes of the inputs (a catalog's header, a snapshot's, a parameter file's
+        provenance), most authoritative first; None and missing keys are skipped.
+
+    Returns
+    -------
+    dict
+        Keys of :data:`INHERITED_ATTRS` found in some source. ``redshift`` is derived from the
+        scale factor (``1/a - 1``) when only that is recorded (FastPM's ``Time``), and ``Time``
+        from the redshift.
+    """
+    out: dict = {}
+    for key, names in INHERITED_ATTRS.items():
+        for src in sources:
+            found = next((src[n] for n in names if src and src.get(n) is not None), None)
+            if found is not None:
+                out[key] = found
+                break
+    for key, other, low in (("redshift", "Time", -1.0), ("Time", "redshift", 0.0)):
+        if key not in out or other in out:
+            continue
+        try:
+            v = np.asarray(out[key], dtype=float).reshape(-1)
+        except (TypeError, ValueError):
+            continue
+        if v.size == 1 and np.isfinite(v[0]) and v[0] > low:
+            out[other] = 1.0 / (1.0 + v[0]) if key == "redshift" else 1.0 / v[0] - 1.0
+    return out
+
+
 def _writer() -> str:
     from .. import __version__
 
     return f"jerald_nbk {__version__}"
+
+
+def check_mesh_output(path, overwrite: bool = False) -> None:
+    """Raise if :func:`write_mesh` would refuse ``path``: call it before a long computation.
+
+    Parameters
+    ----------
+    path : str or Path
+        A bigfile mesh directory or a ``.npy`` file (its sidecar is checked too).
+    overwrite : bool
+        Anything may be replaced (the check passes).
+
+    Raises
+    ------
+    ForeignOutputError
+        ``path`` (or the sidecar) holds something that is not a previous output of ours.
+    """
+    if overwrite:
+        return
+    if _is_npy(path):
+        _check_npy_output(Path(path))
+    else:
+        from ..utils import check_output
+
+        check_output(path, overwrite, "mesh")
 
 
 def _check_npy_output(path: Path) -> None:
@@ -234,12 +312,16 @@ def read_mesh(
     if comm is not None and comm.size > 1:
         return _on_root(comm, lambda: read_mesh(path, dataset, None, BoxSize, Nmesh))
 
+    return _read(path, dataset, BoxSize, Nmesh, None)
+
+
+def _read(path, dataset, BoxSize, Nmesh, planes):
     path = Path(path)
     if _is_npy(path):
-        arr, attrs = _read_npy(path, BoxSize)
+        arr, attrs = _read_npy(path, BoxSize, planes)
         where = f"mesh {path}"
     else:
-        arr, attrs = _read_bigfile_mesh(path, dataset)
+        arr, attrs = _read_bigfile_mesh(path, dataset, planes)
         where = f"mesh {path}: dataset {dataset!r}"
     if BoxSize is not None:
         want = _boxsize_vector(BoxSize, arr.ndim, "expected BoxSize")
@@ -255,14 +337,101 @@ def read_mesh(
     return arr, attrs
 
 
-def _read_npy(path: Path, BoxSize):
+def read_mesh_slab(
+    path,
+    slices,
+    dataset: str = "Field",
+    comm=None,
+    BoxSize=None,
+    Nmesh=None,
+) -> tuple[np.ndarray, dict]:
+    """Read only this rank's part ``mesh[slices]`` of a mesh file (no rank holds the whole mesh).
+
+    Only the planes of the first axis that ``slices[0]`` covers are read (one contiguous row range
+    of the bigfile block, or of a memory-mapped ``.npy``); the other slices are applied to them.
+    For a pmesh engine (slabs in x) pass ``pm.local_slices("real")``.
+
+    Parameters
+    ----------
+    path : str or Path
+        bigfile directory, or ``.npy`` file (with its sidecar).
+    slices : tuple of slices, or None
+        This rank's part of the global mesh (steps of 1); None reads the whole mesh.
+    dataset : str
+        bigfile block (ignored for ``.npy``).
+    comm : MPI communicator, optional
+        Every rank reads its own part; an error on any rank is raised on every rank (the first
+        rank's), so that no rank is left waiting.
+    BoxSize, Nmesh : optional
+        Expected values, checked as :func:`read_mesh` checks them.
+
+    Returns
+    -------
+    part : numpy.ndarray
+        ``mesh[slices]`` in the stored dtype.
+    attrs : dict
+        The file's attributes (``Nmesh`` the whole mesh's), as :func:`read_mesh` returns them.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        As :func:`read_mesh`; also slices outside the mesh or with a step.
+    """
+    result, error = None, None
+    try:
+        planes, rest = None, ()
+        if slices is not None:
+            slices = tuple(slices)
+            if any(s.step not in (None, 1) for s in slices):
+                raise ValueError(f"mesh {path}: slices with a step are not supported: {slices}")
+            first = slices[0]
+            planes, rest = (first.start or 0, first.stop), slices[1:]
+        if planes is not None and planes[1] is None:
+            planes = (planes[0], _first_axis(Path(path), dataset))
+        arr, attrs = _read(path, dataset, BoxSize, Nmesh, planes)
+        result = (arr[(slice(None), *rest)] if rest else arr), attrs
+    except (OSError, ValueError) as err:
+        error = err
+    if comm is not None and comm.size > 1:
+        errors = comm.allgather(error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise error
+    return result
+
+
+def _first_axis(path: Path, dataset: str) -> int:
+    """Cells along the first axis of a mesh file, from its header only."""
+    if _is_npy(path):
+        if not path.is_file():
+            raise FileNotFoundError(f"mesh {path}: no such file")
+        try:
+            return int(np.load(path, mmap_mode="r", allow_pickle=False).shape[0])
+        except (ValueError, OSError, EOFError, IndexError) as err:
+            raise ValueError(f"mesh {path}: not a readable .npy file ({err})") from err
+    with _bigfile.open_file(path, "mesh") as ff:
+        with _bigfile.open_block(ff, path, dataset, "mesh") as block:
+            attrs = _bigfile.get_attrs(block)
+    if "Nmesh" not in attrs:
+        raise ValueError(f"mesh {path}: dataset {dataset!r} has no attribute 'Nmesh'")
+    return int(np.atleast_1d(np.asarray(attrs["Nmesh"]))[0])
+
+
+def _read_npy(path: Path, BoxSize, planes=None):
     where = f"mesh {path}"
     if not path.is_file():
         raise FileNotFoundError(f"{where}: no such file")
     try:
-        arr = np.load(path, allow_pickle=False)
+        # a slab is read through a memory map: only its planes are loaded
+        arr = np.load(path, allow_pickle=False, mmap_mode="r" if planes is not None else None)
     except (ValueError, OSError, EOFError) as err:
         raise ValueError(f"{where}: not a readable .npy file ({err})") from err
+    shape = tuple(arr.shape)
+    if planes is not None:
+        if arr.ndim not in (2, 3):  # checked here so that the slice below is valid
+            _check_array(arr, where)
+        x0, x1 = _check_planes(planes, shape[0], where)
+        arr = np.array(arr[x0:x1])
     arr = _check_array(arr, where)
     side = sidecar_path(path)
     if side.is_file():
@@ -279,15 +448,22 @@ def _read_npy(path: Path, BoxSize):
             f"{where}: sidecar {side} with BoxSize is missing; pass BoxSize= to read it without one"
         )
     attrs["BoxSize"] = _boxsize_vector(attrs["BoxSize"], arr.ndim, f"mesh sidecar {side}")
-    nmesh = np.asarray(attrs.get("Nmesh", arr.shape), dtype=np.int64)
-    if not np.array_equal(nmesh, arr.shape):
-        raise ValueError(f"mesh sidecar {side}: Nmesh {nmesh.tolist()} != array shape {arr.shape}")
+    nmesh = np.asarray(attrs.get("Nmesh", shape), dtype=np.int64)
+    if not np.array_equal(nmesh, shape):
+        raise ValueError(f"mesh sidecar {side}: Nmesh {nmesh.tolist()} != array shape {shape}")
     attrs["Nmesh"] = nmesh
     attrs["ndarray.shape"] = nmesh.copy()
     return arr, attrs
 
 
-def _read_bigfile_mesh(path: Path, dataset: str):
+def _check_planes(planes, nx: int, where: str) -> tuple[int, int]:
+    x0, x1 = (int(p) for p in planes)
+    if not 0 <= x0 <= x1 <= nx:
+        raise ValueError(f"{where}: planes [{x0}, {x1}) outside the mesh's first axis [0, {nx})")
+    return x0, x1
+
+
+def _read_bigfile_mesh(path: Path, dataset: str, planes=None):
     kind = "mesh"
     where = f"mesh {path}: dataset {dataset!r}"
     with _bigfile.open_file(path, kind) as ff:
@@ -322,11 +498,15 @@ def _read_bigfile_mesh(path: Path, dataset: str):
                     f"{nmesh.tolist()}"
                 )
             _bigfile.check_physical_files(path / dataset, block.dtype, where)
-            data = _bigfile.read_rows(block, 0, block.size, path, dataset, kind)
+            x0, x1 = (
+                (0, int(nmesh[0])) if planes is None else _check_planes(planes, nmesh[0], where)
+            )
+            plane = int(np.prod(nmesh[1:]))  # C order: planes of x are contiguous rows
+            data = _bigfile.read_rows(block, x0 * plane, x1 * plane, path, dataset, kind)
     attrs["Nmesh"] = nmesh
     attrs["ndarray.shape"] = shape
     attrs["BoxSize"] = _boxsize_vector(attrs["BoxSize"], nmesh.size, where + " attribute 'BoxSize'")
-    return data.reshape(tuple(nmesh)), attrs
+    return data.reshape((x1 - x0, *nmesh[1:])), attrs
 
 
 def _on_root(comm, fn):

@@ -77,6 +77,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -676,18 +677,10 @@ def ref_optstate_from_optax(opt_state, lr: float | None = None, raw=None) -> Ref
 def plain_length(path) -> int:
     """Number of values in a plain-text parameter file (``np.savetxt`` layout, one a line).
 
-    Raises FileNotFoundError or a ValueError naming the file when it is missing or holds anything
-    but numbers; the length then says how many layers the file's model has.
+    Raises FileNotFoundError or a ValueError naming the file when it is missing, empty, or holds
+    anything but one column of numbers; the length then says how many layers the file's model has.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"parameter file {path} does not exist")
-    try:
-        return int(np.atleast_1d(np.loadtxt(path, dtype=float)).size)
-    except ValueError as err:
-        raise ValueError(
-            f"parameter file {path}: not a plain-text list of numbers ({err})"
-        ) from None
+    return int(_read_numbers(Path(path)).size)
 
 
 def _table(config) -> ParamTable:
@@ -695,14 +688,28 @@ def _table(config) -> ParamTable:
 
 
 def _read_numbers(path: Path) -> np.ndarray:
+    """The values of a plain-text parameter file: one column (or one row) of numbers."""
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"parameter file {path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"parameter file {path}: expected a plain-text file, found a directory")
     try:
-        return np.atleast_1d(np.loadtxt(path, dtype=float))
-    except ValueError as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data"
+            vec = np.loadtxt(path, dtype=float, ndmin=1)
+    except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(
             f"parameter file {path}: not a plain-text list of numbers ({err})"
         ) from None
+    if vec.size == 0:
+        raise ValueError(f"parameter file {path}: expected one number a line, found no values")
+    if vec.ndim != 1:
+        raise ValueError(
+            f"parameter file {path}: expected one number a line (np.savetxt of a vector), found "
+            f"{vec.shape[0]} lines of {vec.shape[1]} numbers"
+        )
+    return vec
 
 
 def _plain_names(tab: ParamTable, config, flavour: str) -> list[str]:
