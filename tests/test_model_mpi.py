@@ -2,7 +2,8 @@
 engine's (float64, 1e-10 relative), with the particles split over the ranks.
 
 Runs on one process (pmesh engine on one rank) under ``pytest`` and on two under
-``mpiexec -n 2 python -m pytest --with-mpi -m mpi``.
+``mpiexec -n 2 python -m pytest --with-mpi -m mpi``; the pmesh engine's step runs eagerly and
+compiled (:meth:`PmeshEngine.jit`, as the training loop calls it).
 """
 
 import jax
@@ -20,7 +21,7 @@ COMM = MPI.COMM_WORLD
 N, L = 16, 20.0
 
 
-def _loss_and_grad(pm, stage, pos, target, star, raw):
+def _loss_and_grad(pm, stage, pos, target, star, raw, compiled=False):
     masks = split_masks(pm)
     filt = smoothing_filter(pm, 1.0)
 
@@ -31,7 +32,8 @@ def _loss_and_grad(pm, stage, pos, target, star, raw):
         )
         return out["train"], out
 
-    (val, out), g = jax.value_and_grad(f, has_aux=True)(raw)
+    vg = jax.value_and_grad(f, has_aux=True)
+    (val, out), g = (pm.jit(vg) if compiled else vg)(raw)
     return float(val), {k: float(v) for k, v in out.items()}, np.asarray(g)
 
 
@@ -40,11 +42,12 @@ def _loss_and_grad(pm, stage, pos, target, star, raw):
     [StageConfig("dm", 2), StageConfig("stellar", 1), StageConfig("hi", 1, hi_shift=True)],
     ids=["dm", "stellar", "hi"],
 )
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize(
     "ranks",
     [pytest.param(1, id="1rank"), pytest.param(2, id="mpi", marks=pytest.mark.mpi(min_size=2))],
 )
-def test_stage_loss_and_gradient_match_single_process(cfg, ranks):
+def test_stage_loss_and_gradient_match_single_process(cfg, ranks, compiled):
     if ranks == 1 and COMM.size > 1:
         pytest.skip("the single-rank variant runs without mpiexec")
     pos = zeldovich_particles(N, L, seed=5, rms_disp=0.6, dtype=np.float64)
@@ -64,7 +67,13 @@ def test_stage_loss_and_gradient_match_single_process(cfg, ranks):
     mine = pos[COMM.rank :: COMM.size]  # any split of the particles over the ranks
     star = pp.to_local(star_full) if cfg.target == "hi" else None
     got = _loss_and_grad(
-        pp, Stage(pp, cfg), jnp.asarray(mine), pp.to_local(target), star, jnp.asarray(raw)
+        pp,
+        Stage(pp, cfg),
+        jnp.asarray(mine),
+        pp.to_local(target),
+        star,
+        jnp.asarray(raw),
+        compiled,
     )
     assert got[0] == pytest.approx(ref[0], rel=1e-10)
     for k in ("train", "validation", "test"):

@@ -351,19 +351,82 @@ def test_sum_count_and_their_gradients(world):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-def test_layout_cache_is_collective(world):
+def test_layout_made_once_per_positions_and_freed(world):
+    # Bug caught: a layout rebuilt for every paint/readout (or hashed from the positions' bytes), or
+    # leaked after a compiled step. One set of positions, painted and read out (and both
+    # differentiated), needs one layout; moved positions need a second; the compiled step frees both.
     pp, _ = engines("cubic", "f8")
     pos, mass = catalog(1000, pp.BoxSize, seed=13)
-    p = mine(pos)
-    pp.paint(p, mine(mass))
+    p, m = jnp.asarray(mine(pos)), jnp.asarray(mine(mass))
+    pp.paint(p, m)
     pp.readout(pp.paint(p), p)
     after_same = pp.n_decompose
-    # one rank moves its particles, the others do not: all must decompose again together
-    moved = p + (1.0 if COMM.rank == 0 else 0.0)
-    pp.paint(moved)
+    pp.paint(p + 1.0)  # new positions (a new array)
     after_moved = pp.n_decompose
-    expect = [0, 0] if COMM.size == 1 else [1, 2]  # one rank: no layout at all
-    assert [after_same, after_moved] == expect
+
+    def step(q, w):
+        def loss(q, w):
+            x = q + 0.1 * pp.readout(pp.paint(q, w), q)[:, None]
+            return pp.sum(pp.readout(pp.paint(x, w), x) ** 2)
+
+        return jax.value_and_grad(loss, argnums=(0, 1))(q, w)
+
+    compiled = pp.jit(step)
+    per_call = []
+    for q in (p, p, p - 1.0):
+        before = pp.n_decompose
+        compiled(q, m)
+        per_call.append(pp.n_decompose - before)
+    live = len(pp._layouts)
+    # the argument's layout is made before the call and kept (reused by the eager one of p,
+    # reused at the second call, made for the new positions p - 1); the moved particles' layout is
+    # made inside each call and freed when it returns. One rank: no layout at all.
+    expect = [0, 0, [0, 0, 0]] if COMM.size == 1 else [1, 2, [1, 1, 2]]
+    assert [after_same, after_moved, per_call] == expect
+    assert live == (0 if COMM.size == 1 else 3)  # p, p + 1 and p - 1; none of the steps'
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("where", ["split", "all_on_rank0"])
+def test_compiled_step_matches_jax_engine(world, where):
+    # Bug caught: the compiled engine disagreeing with the eager one or with JaxEngine, a rank with
+    # no particles skipping a collective inside jit (different programs per rank), or the step
+    # recompiling at every call.
+    pp, jp = engines("noncubic", "f8")
+    n = 2000
+    pos, mass = catalog(n, pp.BoxSize, seed=21)
+    if where == "split":
+        p, m = mine(pos), mine(mass)
+    else:
+        p = pos if COMM.rank == 0 else np.zeros((0, 3))
+        m = mass if COMM.rank == 0 else np.zeros(0)
+    traces = []
+
+    def vg(eng):
+        def f(q, w):
+            traces.append(1)
+            return jax.value_and_grad(lambda q, w: smoothing_loss(eng, q, w), argnums=(0, 1))(q, w)
+
+        return f
+
+    step = pp.jit(vg(pp))
+    loss, (gpos, gmass) = step(jnp.asarray(p), jnp.asarray(m))
+    loss2, (gpos2, _) = step(jnp.asarray(p) + 0.5, jnp.asarray(m))  # same shapes: no new trace
+    eager_loss, (eager_gpos, _) = vg(pp)(jnp.asarray(p), jnp.asarray(m))
+    ref_loss, (ref_gpos, ref_gmass) = vg(jp)(jnp.asarray(pos), jnp.asarray(mass))
+    ref_loss2, (ref_gpos2, _) = vg(jp)(jnp.asarray(pos) + 0.5, jnp.asarray(mass))
+    gpos_all = allgather_particles(gpos, n) if where == "split" else None
+    if where != "split":
+        gpos_all = COMM.bcast(np.asarray(gpos) if COMM.rank == 0 else None)
+    assert len(traces) == 4  # the compiled step traced once for two calls; 1 eager, 2 reference
+    assert abs(float(loss) - float(ref_loss)) < 1e-12 * float(ref_loss)
+    assert abs(float(loss2) - float(ref_loss2)) < 1e-12 * float(ref_loss2)
+    assert abs(float(eager_loss) - float(loss)) < 1e-13 * float(loss)
+    assert relerr(gpos_all, ref_gpos) < 1e-12
+    if where == "split" or COMM.rank == 0:
+        assert relerr(gmass, mine(ref_gmass) if where == "split" else ref_gmass) < 1e-12
+        assert relerr(gpos2, mine(ref_gpos2) if where == "split" else ref_gpos2) < 1e-12
+        assert relerr(eager_gpos, gpos) < 1e-12
 
 
 @pytest.mark.mpi(min_size=2)
@@ -382,8 +445,8 @@ def test_stack_proof_pmesh_paint_r2c_same_under_1_and_2_ranks():
 def test_serial_engine_details():
     pp = PmeshEngine((16, 12, 20), (100.0, 80.0, 120.0), dtype="f4", comm=MPI.COMM_SELF)
     desc = pp.describe()
-    fn = lambda x: x  # noqa: E731
-    assert pp.jit(fn) is fn
+    compiled = pp.jit(lambda x: pp.sum(pp.paint(x)))
+    assert float(compiled(jnp.full((5, 3), 7.5))) == 5.0  # one rank: plain jax.jit
     assert desc["backend"] == "pmesh" and desc["ranks"] == 1 and desc["dtype"] == "float32"
     assert pp.local_real_shape == (16, 12, 20) and pp.local_complex_shape == (16, 12, 11)
     with pytest.raises(ValueError, match="local real shape"):
@@ -411,7 +474,7 @@ from test_pmesh_backend import catalog, engines, mine, relerr, smoothing_loss, a
 
 comm = MPI.COMM_WORLD
 pp, jp = engines("noncubic", "f8")
-assert list(pp.pm.np) == [2, 2], pp.pm.np
+assert list(pp.pm.np) == [4, 1], pp.pm.np  # x slabs
 n = 3000
 pos, mass = catalog(n, pp.BoxSize, seed=15)
 painted = pp.paint(mine(pos), mine(mass))
@@ -429,6 +492,10 @@ ref_loss, (rgp, rgm) = jax.value_and_grad(
 errs["loss"] = abs(float(loss) - float(ref_loss)) / float(ref_loss)
 errs["grad_pos"] = relerr(allgather_particles(gp, n), rgp)
 errs["grad_mass"] = relerr(allgather_particles(gm, n), rgm)
+closs, (cgp, cgm) = pp.jit(grad)(jnp.asarray(mine(pos)), jnp.asarray(mine(mass)))
+errs["compiled_loss"] = abs(float(closs) - float(ref_loss)) / float(ref_loss)
+errs["compiled_grad_pos"] = relerr(allgather_particles(cgp, n), rgp)
+errs["compiled_grad_mass"] = relerr(allgather_particles(cgm, n), rgm)
 worst = comm.allreduce(max(errs.values()), op=MPI.MAX)
 if comm.rank == 0:
     print("RANKS", comm.size, "ERRORS", errs, "WORST", worst, flush=True)

@@ -6,7 +6,8 @@ implement it:
 * :class:`jerald_nbk.pm.jax_backend.JaxEngine`: one process, whole mesh, C++ CIC kernels through XLA
   FFI on CPU, a pure-JAX scatter/gather path on GPU;
 * :class:`jerald_nbk.pm.pmesh_backend.PmeshEngine`: MPI, each rank holds its particles and a slab of
-  the mesh; pmesh does paint/readout/FFTs and their adjoints.
+  the mesh; compiled too, with its distributed operations (particle layouts and exchanges, pfft
+  FFTs, the C++ CIC kernels on each slab) in ordered callbacks.
 
 Arrays crossing the seam are JAX arrays. Real meshes are the *local* part of the mesh (the whole
 mesh on the JAX engine), optionally with a trailing channel axis; complex meshes are the local part
@@ -167,7 +168,7 @@ class ParticleMesh(abc.ABC):
         return None
 
     def jit(self, fn: Callable) -> Callable:
-        """Compile ``fn`` if the engine allows it (the MPI engine runs eagerly, in program order)."""
+        """``fn`` compiled (``jax.jit``; the MPI engine's also frees its particle layouts)."""
         import jax
 
         return jax.jit(fn)

@@ -1,46 +1,56 @@
 """MPI particle mesh on pmesh: each rank holds its own particles and one slab of the mesh.
 
-Every operation is a ``jax.custom_vjp`` whose forward and backward rules call pmesh through
-``jax.pure_callback`` (numpy in, numpy out). pmesh does the work and the communication:
+The engine compiles: :meth:`PmeshEngine.jit` is ``jax.jit`` (plus freeing the step's particle
+layouts when it returns), so a whole training step is one XLA program. The elementwise Fourier work
+between the operations fuses in XLA; only the distributed operations leave it, each through one
+*ordered* ``jax.experimental.io_callback``. Ordered callbacks run in program order on every rank,
+whatever the particle counts (which differ between ranks, and so do the compiled programs), so the
+MPI collectives inside them match up; plain ``pure_callback`` under ``jit`` gives no such order.
 
-* paint / readout route the particles to the ranks whose slab their CIC window touches with a
-  *layout* (``pm.decompose(pos, smoothing=1 cell)``; ``layout.exchange`` sends positions and weights,
-  ``layout.gather(..., mode="sum")`` adds the ghosts' partial results back on the owning rank);
-* the FFTs are pfft's, in pmesh's normalisation which is also ours (:mod:`jerald_nbk.pm.fourier`).
+* **Layouts.** The mesh is cut into x slabs (pmesh's domain with a ``[ranks, 1]`` process mesh). A
+  *layout* routes each particle to the rank(s) whose slab its CIC window touches: the owner of its
+  lower cell plane and, when the upper plane is on the next rank, a ghost copy there. It is built
+  once per set of positions by one callback that returns a small integer *handle*: every paint and
+  readout at those positions, and their adjoints, take the handle as an input (so data dependence
+  orders them too) and reuse the routed positions, exchanging only weights (one ``Alltoallv``) and
+  gathering results back (one ``Alltoallv``, ghosts summed onto their particles). Inside a traced
+  function the handle is found again from the positions' own tracer (no hashing of their bytes).
+  Handles made during a :meth:`~PmeshEngine.jit` call are freed when it returns; eager calls keep
+  the :attr:`~PmeshEngine.layout_cache` most recent.
+* **Local CIC.** On each rank the C++ kernels (``jerald_nbk._cic``, the JAX engine's) paint and read
+  the routed particles on the slab padded by one ghost plane.
+* **FFTs** are pfft's (pmesh), in pmesh's normalisation which is also ours
+  (:mod:`jerald_nbk.pm.fourier`).
 
-What each backward rule gathers from what is written next to it. The callbacks hold MPI
-collectives, so every rank must run them in the same order: the engine runs eagerly
-(:meth:`PmeshEngine.jit` does not compile) and each callback's result is waited for before the next
-operation is dispatched (see the JAX note in the engineering notes).
+On one rank nothing is distributed: the operations are the JAX engine's own (C++ CIC through XLA
+FFI, ``jnp.fft``), with no callback at all.
 
-Layouts are expensive (a sort and an all-to-all of the particles) and belong to one set of
-positions, so they are cached under a hash of the positions' bytes; a cached layout is used only if
-every rank has it, because ``decompose`` is collective.
+What each backward rule gathers from what is written next to it; the rules compute only the
+cotangents of inputs that carry a derivative (symbolic zeros, as in the JAX engine).
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-import hashlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
+from jax.experimental import io_callback
 
 from ..utils import fault_point
 from . import fourier
 from .base import ParticleMesh
 
-#: half-width of the CIC window in cells: the ghost margin of a layout (pmesh's ``0.5 * support``)
-_CIC_SMOOTHING = 1.0
-
 
 def _wait(tree):
     """Block until the concrete arrays of ``tree`` are computed (no-op on tracers).
 
-    An eager callback that holds MPI collectives must finish before the next one (or a direct MPI
-    call such as :meth:`PmeshEngine.count`) starts, whatever JAX's dispatch does.
+    Outside ``jit`` every operation is dispatched on its own; an eager callback that holds MPI
+    collectives must finish before the next one (or a direct MPI call such as
+    :meth:`PmeshEngine.count`) starts, whatever JAX's asynchronous dispatch does.
     """
     for leaf in jax.tree_util.tree_leaves(tree):
         if not isinstance(leaf, jax.core.Tracer):
@@ -52,76 +62,145 @@ _TOKEN = jax.ShapeDtypeStruct((1,), np.int8)
 
 
 def _callback(fn, result_shape, *args):
-    """``jax.pure_callback`` followed by :func:`_wait`, on every rank whatever its particle count.
+    """Ordered ``io_callback`` of ``fn`` (numpy in, numpy out), waited for when run eagerly.
 
-    XLA replaces an operation whose outputs are all empty by a constant, so a rank holding no
-    particles would skip a readout callback, and with it the collectives the other ranks wait in.
-    A one-element token output keeps every callback alive.
+    A one-element token output keeps every callback alive on every rank: XLA may replace an
+    operation whose outputs are all empty by a constant, and a rank holding no particles would then
+    skip a readout, and with it the collectives the other ranks wait in.
     """
 
     def with_token(*a):
         return fn(*a), np.zeros(1, np.int8)
 
-    out, _ = jax.pure_callback(with_token, (result_shape, _TOKEN), *args)
+    out, _ = io_callback(with_token, (result_shape, _TOKEN), *args, ordered=True)
     return _wait(out)
 
 
+def _alltoallv(comm, send, counts, recv_counts):
+    """Exchange the rows of ``send`` (grouped by destination, ``counts`` rows each)."""
+    row = int(np.prod(send.shape[1:], dtype=np.int64))
+    recv = np.empty((int(recv_counts.sum()),) + send.shape[1:], send.dtype)
+    sdis = np.concatenate([[0], np.cumsum(counts)[:-1]]) * row
+    rdis = np.concatenate([[0], np.cumsum(recv_counts)[:-1]]) * row
+    comm.Alltoallv([send, (counts * row, sdis)], [recv, (recv_counts * row, rdis)])
+    return recv
+
+
+class _Layout:
+    """Where this rank's particles go, and the particles this rank received (positions routed).
+
+    Attributes
+    ----------
+    n : int
+        Local particles.
+    src : int64 array
+        For each row sent, in destination order, the local particle it copies.
+    ghost : int64 array
+        The particles sent twice (their window straddles two slabs); their second copy is
+        ``src[perm[n + i]]``.
+    perm : int64 array
+        ``send_rows[perm] = arange(n + len(ghost))`` order of (particles, then ghost copies).
+    counts, recv_counts : int64 arrays
+        Rows sent to / received from each rank.
+    upos : (M, 3) array
+        Received positions: x in cells from the padded slab's first (ghost) plane, y and z in Mpc/h.
+    """
+
+    __slots__ = ("n", "perm", "ghost", "counts", "recv_counts", "upos", "src")
+
+    def exchange(self, comm, data):
+        """Rows of ``data`` (one per local particle) on the ranks that received the particles."""
+        return _alltoallv(comm, np.ascontiguousarray(data[self.src]), self.counts, self.recv_counts)
+
+    def gather(self, comm, values):
+        """Partial results of the received rows summed back onto the local particles."""
+        back = _alltoallv(comm, np.ascontiguousarray(values), self.recv_counts, self.counts)
+        rows = np.empty_like(back)
+        rows[self.perm] = back
+        out = rows[: self.n]
+        out[self.ghost] += rows[self.n :]
+        return out
+
+
 # ---------------------------------------------------------------------------------------------
-# Differentiable operations. ``eng`` (a PmeshEngine) is a static argument; meshes carry a trailing
-# channel axis, particle weights are (N, C).
+# Differentiable distributed operations (more than one rank). ``eng`` (a PmeshEngine) is a static
+# argument; ``h`` is a layout handle (int32 scalar); meshes carry a trailing channel axis, particle
+# weights are (N, C). The VJPs use symbolic zeros: the forward rule records which inputs carry a
+# derivative and the backward rule calls only the kernels whose cotangent is needed (in a JERALD
+# layer the input positions are constants, so the first readout's position cotangent is never
+# computed).
+
+
+def _layout_handle(eng, pos):
+    """Handle of the layout of ``pos`` (one collective callback; not differentiable)."""
+    return _callback(eng._np_layout, jax.ShapeDtypeStruct((), np.int32), jax.lax.stop_gradient(pos))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _paint(eng, pos, w):
-    """Paint (N, C) weights at local (N, 3) positions onto the local (..., C) slab."""
+def _paint(eng, h, pos, w):
+    """Paint (N, C) weights of the particles of layout ``h`` (at ``pos``) onto the local slab."""
     shape = jax.ShapeDtypeStruct(eng.local_real_shape + (w.shape[1],), eng.dtype)
-    return _callback(eng._np_paint, shape, pos, w)
+    return _callback(eng._np_paint, shape, h, w)
 
 
-def _paint_fwd(eng, pos, w):
-    return _paint(eng, pos, w), (pos, w)
+def _paint_fwd(eng, h, pos, w):
+    out = _paint(eng, h.value, pos.value, w.value)
+    return out, (h.value, w.value, pos.perturbed, w.perturbed)
 
 
 def _paint_bwd(eng, res, ct):
     # Weights: the cotangent mesh read out at the particles (paint is linear in w).
     # Positions: w_p times the gradient of the cotangent mesh interpolated at x_p.
-    # One callback, one exchange of (pos, w) and one gather of both results.
-    pos, w = res
-    shapes = (
-        jax.ShapeDtypeStruct(w.shape, eng.dtype),
-        jax.ShapeDtypeStruct(pos.shape, eng.dtype),
-    )
-    w_bar, pos_bar = _callback(eng._np_readout_and_grad, shapes, ct.astype(eng.dtype), pos, w)
-    return pos_bar, w_bar
+    # Both from one callback when both are needed: one exchange of w, one gather.
+    h, w, d_pos, d_w = res
+    if isinstance(ct, SymbolicZero) or not (d_pos or d_w):
+        return None, None, None
+    ct = ct.astype(eng.dtype)
+    n = w.shape[0]
+    vals = jax.ShapeDtypeStruct(w.shape, eng.dtype)
+    grad = jax.ShapeDtypeStruct((n, 3), eng.dtype)
+    if d_pos and d_w:
+        w_bar, pos_bar = _callback(eng._np_readout_and_grad, (vals, grad), h, ct, w)
+        return None, pos_bar, w_bar
+    if d_pos:
+        return None, _callback(eng._np_grad, grad, h, ct, w), None
+    return None, None, _callback(eng._np_readout, vals, h, ct)
 
 
-_paint.defvjp(_paint_fwd, _paint_bwd)
+_paint.defvjp(_paint_fwd, _paint_bwd, symbolic_zeros=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _readout(eng, mesh, pos):
-    """Interpolate the local (..., C) slab at local (N, 3) positions: (N, C)."""
+def _readout(eng, h, mesh, pos):
+    """Interpolate the local (..., C) slab at the particles of layout ``h``: (N, C)."""
     shape = jax.ShapeDtypeStruct((pos.shape[0], mesh.shape[-1]), eng.dtype)
-    return _callback(eng._np_readout, shape, mesh, pos)
+    return _callback(eng._np_readout, shape, h, mesh)
 
 
-def _readout_fwd(eng, mesh, pos):
-    return _readout(eng, mesh, pos), (mesh, pos)
+def _readout_fwd(eng, h, mesh, pos):
+    out = _readout(eng, h.value, mesh.value, pos.value)
+    keep = mesh.value if pos.perturbed else None  # the mesh is needed only for the positions
+    return out, (h.value, keep, mesh.perturbed, pos.perturbed)
 
 
 def _readout_bwd(eng, res, ct):
     # Mesh: the cotangents painted back at the particles (paint is readout's adjoint).
     # Positions: the cotangent-weighted gradient of the interpolated mesh.
-    mesh, pos = res
-    shapes = (
-        jax.ShapeDtypeStruct(mesh.shape, eng.dtype),
-        jax.ShapeDtypeStruct(pos.shape, eng.dtype),
-    )
-    mesh_bar, pos_bar = _callback(eng._np_paint_and_grad, shapes, mesh, pos, ct.astype(eng.dtype))
-    return mesh_bar, pos_bar
+    h, mesh, d_mesh, d_pos = res
+    if isinstance(ct, SymbolicZero) or not (d_mesh or d_pos):
+        return None, None, None
+    ct = ct.astype(eng.dtype)
+    mshape = jax.ShapeDtypeStruct(eng.local_real_shape + (ct.shape[1],), eng.dtype)
+    grad = jax.ShapeDtypeStruct((ct.shape[0], 3), eng.dtype)
+    if d_mesh and d_pos:
+        mesh_bar, pos_bar = _callback(eng._np_paint_and_grad, (mshape, grad), h, mesh, ct)
+        return None, mesh_bar, pos_bar
+    if d_pos:
+        return None, None, _callback(eng._np_grad, grad, h, mesh, ct)
+    return None, _callback(eng._np_paint, mshape, h, ct), None
 
 
-_readout.defvjp(_readout_fwd, _readout_bwd)
+_readout.defvjp(_readout_fwd, _readout_bwd, symbolic_zeros=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -138,9 +217,10 @@ def _r2c_fwd(eng, mesh):
 def _r2c_bwd(eng, _, ct):
     # x_bar(x) = Re sum_{k in half layout} ct_k e^{-ikx} / N: pmesh's ``r2c_vjp`` (c2r / N) of
     # conj(ct) / w, where the inverse rfft counts each stored mode w = 2 times except the planes
-    # k_z = 0 and Nyquist (w = 1); see _np_r2c_vjp.
+    # k_z = 0 and Nyquist (w = 1). The conjugate and the division fuse in XLA.
     shape = jax.ShapeDtypeStruct(eng.local_real_shape + (ct.shape[-1],), eng.dtype)
-    return (_callback(eng._np_r2c_vjp, shape, ct.astype(eng.complex_dtype)),)
+    v = jnp.conj(ct.astype(eng.complex_dtype)) * eng._inv_hermitian_weight[..., None]
+    return (_callback(eng._np_c2r_scaled, shape, v),)
 
 
 _r2c.defvjp(_r2c_fwd, _r2c_bwd)
@@ -159,9 +239,11 @@ def _c2r_fwd(eng, cmesh):
 
 def _c2r_bwd(eng, _, ct):
     # out(x) = sum_{k in half layout} w_k Re(v_k e^{ikx}), so (JAX's complex cotangent
-    # dL/dRe - i dL/dIm) v_bar_k = w_k sum_x g(x) e^{ikx} = w_k conj(pmesh c2r_vjp(g))_k.
+    # dL/dRe - i dL/dIm) v_bar_k = w_k sum_x g(x) e^{ikx} = w_k conj(pmesh c2r_vjp(g))_k, with
+    # pmesh's c2r_vjp(g) = r2c(g) * Ntot; the conjugate and the weights fuse in XLA.
     shape = jax.ShapeDtypeStruct(eng.local_complex_shape + (ct.shape[-1],), eng.complex_dtype)
-    return (_callback(eng._np_c2r_vjp, shape, ct.astype(eng.dtype)),)
+    v = _callback(eng._np_r2c, shape, ct.astype(eng.dtype))
+    return (jnp.conj(v) * (eng._hermitian_weight * eng.ncells)[..., None],)
 
 
 _c2r.defvjp(_c2r_fwd, _c2r_bwd)
@@ -208,28 +290,32 @@ _replicated.defvjp(_replicated_fwd, _replicated_bwd)
 
 
 class PmeshEngine(ParticleMesh):
-    """MPI-distributed particle mesh on pmesh.
+    """MPI-distributed particle mesh on pmesh, compiled by XLA.
 
     Each rank passes its own particles (any subset of the catalog; positions need not be in the
     slab nor wrapped into the box) and holds the local slab of every mesh: real meshes have shape
     :attr:`local_real_shape` (plus an optional channel axis), complex meshes
     :attr:`local_complex_shape` (the local part of pmesh's transposed rfft layout).
-    :meth:`kvec` and :meth:`mesh_index` describe those local layouts.
+    :meth:`kvec` and :meth:`mesh_index` describe those local layouts. The mesh is cut into x slabs
+    (pmesh's process mesh ``[ranks, 1]``), so there can be at most ``Nmesh[0]`` ranks.
 
     Parameters
     ----------
     Nmesh, BoxSize, dtype
         See :class:`~jerald_nbk.pm.base.ParticleMesh`.
     comm : mpi4py.MPI.Comm, optional
-        Communicator (default ``MPI.COMM_WORLD``). All ranks of it must call every operation, in
-        the same order.
+        Communicator (default ``MPI.COMM_WORLD``). All ranks of it must call every operation, and
+        every function made by :meth:`jit`, in the same order.
     layout_cache : int
-        How many particle layouts (domain decompositions) to keep, least recently used first out.
+        Particle layouts kept between *eager* calls (least recently used first out); those made
+        inside a :meth:`jit` function are freed when it returns.
 
     Notes
     -----
-    Run eagerly: :meth:`jit` returns the function unchanged, because XLA may reorder the callbacks
-    that hold MPI collectives. Do not ``vmap`` the operations.
+    Compile with :meth:`jit`, not ``jax.jit`` directly: it also waits for the step and frees its
+    layouts before returning (``jax.jit`` works too, but its layouts stay until evicted and MPI
+    calls made right after it may overlap its callbacks). Do not ``vmap`` the operations. The C++
+    CIC kernels use ``OMP_NUM_THREADS`` threads per rank.
 
     Examples
     --------
@@ -250,8 +336,17 @@ class PmeshEngine(ParticleMesh):
 
             comm = MPI.COMM_WORLD
         self._comm = comm
+        if comm.size > self.Nmesh[0]:
+            raise ValueError(
+                f"PmeshEngine cuts the mesh into x slabs: {comm.size} ranks need Nmesh[0] >= "
+                f"{comm.size}, got Nmesh {self.Nmesh}"
+            )
         self.pm = pmesh.pm.ParticleMesh(
-            Nmesh=list(self.Nmesh), BoxSize=self.BoxSize, dtype=self.dtype, comm=comm
+            Nmesh=list(self.Nmesh),
+            BoxSize=self.BoxSize,
+            dtype=self.dtype,
+            comm=comm,
+            np=[comm.size, 1],
         )
         real = self.pm.create(type="real")
         cplx = self.pm.create(type="complex")
@@ -279,11 +374,38 @@ class PmeshEngine(ParticleMesh):
         # times the inverse rfft counts each stored mode (the k_z = 0 and Nyquist planes hold
         # their own conjugates; every other stored mode stands for two)
         iz = cidx[2]
-        self._hermitian_weight = np.where((iz == 0) | (2 * iz == nz), 1.0, 2.0).astype(self.dtype)
+        weight = np.where((iz == 0) | (2 * iz == nz), 1.0, 2.0).astype(self.dtype)
+        self._hermitian_weight = jnp.asarray(weight)
+        self._inv_hermitian_weight = jnp.asarray((1.0 / weight).astype(self.dtype))
+
+        # x slabs: the first plane of every rank's slab, and the owner of every plane
+        x0 = int(self._real_slices[0].start)
+        self._x0 = np.array(comm.allgather(x0), dtype=np.int64)
+        stops = np.array(comm.allgather(int(self._real_slices[0].stop)), dtype=np.int64)
+        owner = np.empty(nx, dtype=np.int32)
+        for r, (a, b) in enumerate(zip(self._x0, stops, strict=True)):
+            owner[a:b] = r
+        self._plane_owner = owner
+        #: planes whose upper neighbour belongs to another rank
+        self._slab_end = owner != np.roll(owner, -1)
+        #: C++ CIC on the slab padded by one ghost plane in front: x in cells, y and z in Mpc/h
+        self._pad_shape = (self.local_real_shape[0] + 1,) + self.local_real_shape[1:]
+        self._local_scale = (1.0, float(ny / ly), float(nz / lz))
+
         self._layouts: collections.OrderedDict = collections.OrderedDict()
         self._layout_cache = int(layout_cache)
-        #: number of ``decompose`` calls made (cache misses), for tests and profiling
+        self._next_handle = 0
+        self._jit_depth = 0
+        # positions (array or tracer) -> layout handle, while a function is traced or run
+        self._handles: dict = {}
+        #: number of layouts built (``decompose`` calls), for tests and profiling
         self.n_decompose = 0
+
+        self._local = None
+        if comm.size == 1:  # nothing to distribute: the JAX engine's operations, no callback
+            from .jax_backend import JaxEngine
+
+            self._local = JaxEngine(self.Nmesh, self.BoxSize, dtype=self.dtype)
 
     # -- geometry -----------------------------------------------------------------------------
     @property
@@ -363,88 +485,174 @@ class PmeshEngine(ParticleMesh):
             full[rsl] = part
         return full
 
-    # -- numpy kernels (run inside the callbacks; all collective) ------------------------------
-    def _layout(self, pos):
-        """The cached layout of ``pos`` (None on one rank: every particle is local)."""
-        if self._comm.size == 1:
-            return None
-        from mpi4py import MPI
+    # -- layouts ------------------------------------------------------------------------------
+    def _handle(self, pos):
+        """The layout handle of ``pos``: made once per positions object, then found again.
 
-        key = (pos.shape, pos.dtype.str, hashlib.blake2b(pos.tobytes(), digest_size=16).digest())
-        # decompose is collective: use the cache only if every rank has its positions in it
-        if self._comm.allreduce(key in self._layouts, op=MPI.LAND):
-            self._layouts.move_to_end(key)
-            return self._layouts[key]
-        layout = self.pm.decompose(pos, smoothing=_CIC_SMOOTHING)
+        Keyed by the positions' own object (a tracer inside a traced function, an array outside),
+        which the table keeps alive so that its id is not reused; cleared when a :meth:`jit`
+        function returns.
+        """
+        traced = isinstance(pos, jax.core.Tracer)
+        entry = self._handles.get(id(pos))
+        hit = entry is not None and entry[0] is pos
+        if hit and traced:
+            return entry[1]
+        inner = pos
+        while traced and not hit and isinstance(getattr(inner, "primal", None), jax.core.Tracer):
+            # differentiated positions: their primal (the outer tracer) may have a layout
+            inner = inner.primal
+            entry = self._handles.get(id(inner))
+            if entry is not None and entry[0] is inner:
+                self._handles[id(pos)] = (pos, entry[1])
+                return entry[1]
+        if not traced:
+            # eager: the layout must still be cached, on every rank (building one is collective)
+            from mpi4py import MPI
+
+            hit = hit and int(entry[1]) in self._layouts
+            if self._comm.allreduce(hit, op=MPI.LAND):
+                self._layouts.move_to_end(int(entry[1]))
+                return entry[1]
+        handle = _layout_handle(self, pos)
+        if traced != isinstance(handle, jax.core.Tracer):
+            return handle  # constant positions inside a traced function: not kept
+        if self._jit_depth == 0 and not isinstance(pos, jax.core.Tracer):
+            # eager: keep only the handles whose layouts are still cached
+            self._handles = {
+                k: v
+                for k, v in self._handles.items()
+                if isinstance(v[1], jax.core.Tracer) or int(v[1]) in self._layouts
+            }
+        self._handles[id(pos)] = (pos, handle)
+        return handle
+
+    def _np_layout(self, pos):
+        """Route this rank's particles to the slab(s) their CIC window touches (collective)."""
+        pos = np.asarray(pos)
+        n = pos.shape[0]
+        nx = self.Nmesh[0]
+        u = pos[:, 0].astype(np.float64)
+        u *= nx / self.BoxSize[0]
+        fl = np.floor(u)
+        u -= fl  # the fraction, as the C++ kernel computes it: the same CIC weights
+        i0 = fl.astype(np.int64)
+        outside = (i0 < 0) | (i0 >= nx)
+        if outside.any():  # particles outside the box (rare): wrap
+            i0[outside] %= nx
+        own0 = self._plane_owner[i0]
+        # a particle in the last plane of a slab also paints the next rank's first plane
+        ghost = np.flatnonzero(self._slab_end[i0])
+        own1 = self._plane_owner[(i0[ghost] + 1) % nx]
+        dest = np.concatenate([own0, own1])
+        # x in cells from the destination's ghost plane x0 - 1: its own particles are 1..nxl cells
+        # in, ghost copies (lower plane x0 - 1 of their destination) 0
+        xcell = np.concatenate([(i0 - (self._x0[own0] - 1)) + u, u[ghost]])
+        size = self._comm.size
+        if size <= 8:  # a few passes beat a sort
+            perm = np.concatenate([np.flatnonzero(dest == r) for r in range(size)])
+        else:
+            perm = np.argsort(dest.astype(np.int16 if size < 2**15 else np.int32), kind="stable")
+        src = np.concatenate([np.arange(n, dtype=np.int64), ghost])[perm]
+        counts = np.bincount(dest, minlength=size).astype(np.int64)
+        recv_counts = np.empty_like(counts)
+        self._comm.Alltoall(counts, recv_counts)
+        send = np.empty((src.size, 3), self.dtype)
+        send[:, 0] = xcell[perm]
+        send[:, 1:] = pos[src, 1:]
+        layout = _Layout()
+        layout.n, layout.src, layout.ghost = n, src, ghost
+        layout.perm, layout.counts, layout.recv_counts = perm, counts, recv_counts
+        layout.upos = _alltoallv(self._comm, send, counts, recv_counts)
+        handle = self._next_handle
+        self._next_handle = (handle + 1) % (2**31 - 1)
+        self._layouts[handle] = layout
+        if self._jit_depth == 0:
+            while len(self._layouts) > max(self._layout_cache, 1):
+                self._layouts.popitem(last=False)
         self.n_decompose += 1
-        self._layouts[key] = layout
-        while len(self._layouts) > max(self._layout_cache, 1):
-            self._layouts.popitem(last=False)
+        return np.int32(handle)
+
+    def _get_layout(self, h):
+        h = int(h)
+        layout = self._layouts.get(h)
+        if layout is None:
+            raise RuntimeError(
+                f"particle layout {h} was freed (rank {self._comm.rank}): an eager gradient used "
+                f"more than layout_cache={self._layout_cache} sets of positions; raise layout_cache"
+            )
+        self._layouts.move_to_end(h)
         return layout
 
-    def _route(self, pos, *data):
-        """Send positions (and per-particle data) to the ranks whose slab they touch."""
-        pos = np.ascontiguousarray(pos, dtype=self.dtype)
-        data = tuple(np.ascontiguousarray(d, dtype=self.dtype) for d in data)
-        layout = self._layout(pos)
-        if layout is None:
-            return None, (pos,) + data
-        if not data:
-            return layout, (layout.exchange(pos),)
-        return layout, layout.exchange(pos, *data)
+    def _free_layouts(self, first):
+        """Drop the layouts made since handle ``first`` and the traced positions' handles."""
+        for h in [h for h in self._layouts if h >= first]:
+            del self._layouts[h]
+        self._handles = {
+            k: v for k, v in self._handles.items() if not isinstance(v[1], jax.core.Tracer)
+        }
 
-    def _gather(self, layout, values):
-        """Sum the ghosts' partial results back onto the particles' own ranks."""
-        values = np.ascontiguousarray(values, dtype=self.dtype)
-        if layout is None:
-            return values
-        return np.asarray(layout.gather(values, mode="sum"), dtype=self.dtype)
+    # -- numpy kernels (run inside the callbacks; all collective) ------------------------------
+    def _pad(self, mesh):
+        """The local slab behind one zero ghost plane (the C++ kernels' padded slab)."""
+        out = np.zeros((mesh.shape[0] + 1,) + mesh.shape[1:], self.dtype)
+        out[1:] = mesh
+        return out
+
+    def _local_paint(self, layout, lw):
+        from .. import _cic
+
+        mesh = _cic.paint(layout.upos, lw, self._pad_shape, self._local_scale)
+        return np.ascontiguousarray(mesh[1:])  # plane 0 is the ghost (the previous rank's)
+
+    def _local_grad(self, layout, padded, lg):
+        from .. import _cic
+
+        grad = _cic.readout_vjp_pos(padded, layout.upos, lg, self._local_scale)
+        grad[:, 0] *= self.dtype.type(self.Nmesh[0] / self.BoxSize[0])  # x was in cells
+        return grad
+
+    def _np_paint(self, h, w):
+        layout = self._get_layout(h)
+        lw = layout.exchange(self._comm, np.asarray(w, self.dtype))
+        return self._local_paint(layout, lw)
+
+    def _np_readout(self, h, mesh):
+        from .. import _cic
+
+        layout = self._get_layout(h)
+        vals = _cic.readout(self._pad(np.asarray(mesh)), layout.upos, self._local_scale)
+        return layout.gather(self._comm, vals)
+
+    def _np_grad(self, h, mesh, g):
+        """``sum_c g[p, c] d/dx readout(mesh[..., c])(x_p)``: (N, 3)."""
+        layout = self._get_layout(h)
+        lg = layout.exchange(self._comm, np.asarray(g, self.dtype))
+        grad = self._local_grad(layout, self._pad(np.asarray(mesh)), lg)
+        return layout.gather(self._comm, grad)
+
+    def _np_readout_and_grad(self, h, mesh, g):
+        """Readout (N, C) of ``mesh`` and its g-weighted position gradient (N, 3)."""
+        from .. import _cic
+
+        layout = self._get_layout(h)
+        lg = layout.exchange(self._comm, np.asarray(g, self.dtype))
+        padded = self._pad(np.asarray(mesh))
+        vals = _cic.readout(padded, layout.upos, self._local_scale)
+        grad = self._local_grad(layout, padded, lg)
+        both = layout.gather(self._comm, np.concatenate([vals, grad], axis=1))
+        return np.ascontiguousarray(both[:, : vals.shape[1]]), np.ascontiguousarray(both[:, -3:])
+
+    def _np_paint_and_grad(self, h, mesh, g):
+        """Paint of weights ``g`` (local mesh) and the g-weighted gradient of ``mesh`` (N, 3)."""
+        layout = self._get_layout(h)
+        lg = layout.exchange(self._comm, np.asarray(g, self.dtype))
+        painted = self._local_paint(layout, lg)
+        grad = self._local_grad(layout, self._pad(np.asarray(mesh)), lg)
+        return painted, layout.gather(self._comm, grad)
 
     def _field(self, value, kind="real"):
         return self.pm.create(type=kind, value=value)
-
-    def _local_paint(self, lpos, lw, out):
-        for c in range(lw.shape[1]):
-            out[..., c] = self.pm.paint(lpos, mass=np.ascontiguousarray(lw[:, c])).value
-        return out
-
-    def _local_grad(self, mesh, lpos, lg):
-        """``sum_c g[p, c] d/dx readout(mesh[..., c])(x_p)`` over the local slab: (M, 3)."""
-        grad = np.zeros((lpos.shape[0], 3), self.dtype)
-        for c in range(mesh.shape[-1]):
-            field = self._field(mesh[..., c])
-            for d in range(3):
-                # pmesh applies the affine scale: d/dx in 1/(Mpc/h), like readout_gradient
-                grad[:, d] += field.readout(lpos, gradient=d) * lg[:, c]
-        return grad
-
-    def _np_paint(self, pos, w):
-        layout, (lpos, lw) = self._route(pos, w)
-        out = np.empty(self.local_real_shape + (lw.shape[1],), self.dtype)
-        return self._local_paint(lpos, lw, out)
-
-    def _np_readout(self, mesh, pos):
-        layout, (lpos,) = self._route(pos)
-        vals = np.empty((lpos.shape[0], mesh.shape[-1]), self.dtype)
-        for c in range(mesh.shape[-1]):
-            vals[:, c] = self._field(mesh[..., c]).readout(lpos)
-        return self._gather(layout, vals)
-
-    def _np_readout_and_grad(self, mesh, pos, g):
-        """Readout (N, C) of ``mesh`` and its g-weighted position gradient (N, 3)."""
-        layout, (lpos, lg) = self._route(pos, g)
-        vals = np.empty((lpos.shape[0], mesh.shape[-1]), self.dtype)
-        for c in range(mesh.shape[-1]):
-            vals[:, c] = self._field(mesh[..., c]).readout(lpos)
-        grad = self._local_grad(mesh, lpos, lg)
-        return self._gather(layout, vals), self._gather(layout, grad)
-
-    def _np_paint_and_grad(self, mesh, pos, g):
-        """Paint of weights ``g`` (local mesh) and the g-weighted gradient of ``mesh`` (N, 3)."""
-        layout, (lpos, lg) = self._route(pos, g)
-        painted = self._local_paint(lpos, lg, np.empty(mesh.shape, self.dtype))
-        grad = self._local_grad(mesh, lpos, lg)
-        return painted, self._gather(layout, grad)
 
     def _np_r2c(self, mesh):
         out = np.empty(self.local_complex_shape + (mesh.shape[-1],), self.complex_dtype)
@@ -458,18 +666,10 @@ class PmeshEngine(ParticleMesh):
             out[..., c] = self._field(cmesh[..., c], "complex").c2r().value
         return out
 
-    def _np_r2c_vjp(self, ct):
-        out = np.empty(self.local_real_shape + (ct.shape[-1],), self.dtype)
-        for c in range(ct.shape[-1]):
-            v = self._field(np.conj(ct[..., c]) / self._hermitian_weight, "complex")
-            out[..., c] = v.r2c_vjp().value  # c2r(v) / Ntot
-        return out
-
-    def _np_c2r_vjp(self, g):
-        out = np.empty(self.local_complex_shape + (g.shape[-1],), self.complex_dtype)
-        for c in range(g.shape[-1]):
-            v = self._field(g[..., c]).c2r_vjp()  # r2c(g) * Ntot
-            out[..., c] = np.conj(v.value) * self._hermitian_weight
+    def _np_c2r_scaled(self, cmesh):
+        """``c2r / ncells`` (pmesh's ``r2c_vjp``)."""
+        out = self._np_c2r(cmesh)
+        out *= self.dtype.type(1.0 / self.ncells)
         return out
 
     def _np_allreduce(self, x):
@@ -520,8 +720,10 @@ class PmeshEngine(ParticleMesh):
         """
         fault_point("paint")
         pos = self._as_pos(pos)
+        if self._local is not None:
+            return self._local.paint(pos, mass)
         w = self._weights(pos, mass)
-        mesh = _paint(self, pos, w)
+        mesh = _paint(self, self._handle(pos), pos, w)
         return mesh[..., 0] if mass is None or jnp.ndim(mass) <= 1 else mesh
 
     def readout(self, mesh, pos):
@@ -538,8 +740,10 @@ class PmeshEngine(ParticleMesh):
         """
         pos = self._as_pos(pos)
         mesh = self._as_mesh(mesh, self.local_real_shape, self.dtype, "real")
+        if self._local is not None:
+            return self._local.readout(mesh, pos)
         single = mesh.ndim == 3
-        vals = _readout(self, mesh[..., None] if single else mesh, pos)
+        vals = _readout(self, self._handle(pos), mesh[..., None] if single else mesh, pos)
         return vals[:, 0] if single else vals
 
     def readout_gradient(self, mesh, pos):
@@ -558,12 +762,11 @@ class PmeshEngine(ParticleMesh):
         mesh = self._as_mesh(mesh, self.local_real_shape, self.dtype, "real")
         if mesh.ndim != 3:
             raise ValueError(f"readout_gradient takes a one-channel mesh, got shape {mesh.shape}")
+        if self._local is not None:
+            return self._local.readout_gradient(mesh, pos)
         ones = jnp.ones((pos.shape[0], 1), self.dtype)
-        shapes = (
-            jax.ShapeDtypeStruct((pos.shape[0], 1), self.dtype),
-            jax.ShapeDtypeStruct((pos.shape[0], 3), self.dtype),
-        )
-        _, grad = _callback(self._np_readout_and_grad, shapes, mesh[..., None], pos, ones)
+        shape = jax.ShapeDtypeStruct((pos.shape[0], 3), self.dtype)
+        grad = _callback(self._np_grad, shape, self._handle(pos), mesh[..., None], ones)
         return jax.lax.stop_gradient(grad)
 
     def r2c(self, mesh):
@@ -578,6 +781,8 @@ class PmeshEngine(ParticleMesh):
         JAX complex array of shape :attr:`local_complex_shape` (plus channels).
         """
         mesh = self._as_mesh(mesh, self.local_real_shape, self.dtype, "real")
+        if self._local is not None:
+            return self._local.r2c(mesh)
         single = mesh.ndim == 3
         out = _r2c(self, mesh[..., None] if single else mesh)
         return out[..., 0] if single else out
@@ -594,12 +799,16 @@ class PmeshEngine(ParticleMesh):
         JAX array of shape :attr:`local_real_shape` (plus channels).
         """
         cmesh = self._as_mesh(cmesh, self.local_complex_shape, self.complex_dtype, "complex")
+        if self._local is not None:
+            return self._local.c2r(cmesh)
         single = cmesh.ndim == 3
         out = _c2r(self, cmesh[..., None] if single else cmesh)
         return out[..., 0] if single else out
 
     def replicated(self, x):
         """Mark ``x`` as held identically by every rank: its gradient is summed over the ranks."""
+        if self._local is not None:
+            return jnp.asarray(x)
         return _replicated(self, jnp.asarray(x))
 
     def sum(self, x):
@@ -613,6 +822,8 @@ class PmeshEngine(ParticleMesh):
         -------
         JAX scalar, the same on every rank.
         """
+        if self._local is not None:
+            return jnp.sum(jnp.asarray(x))
         return _allsum(self, jnp.asarray(x))
 
     def count(self, pos) -> int:
@@ -620,15 +831,78 @@ class PmeshEngine(ParticleMesh):
         return int(self._comm.allreduce(int(np.shape(pos)[0])))
 
     def jit(self, fn):
-        """Return ``fn`` unchanged: the MPI engine runs eagerly, callbacks in program order."""
-        return fn
+        """``jax.jit(fn)`` that waits for its result and frees the particle layouts it made.
+
+        Every rank must call the compiled function the same number of times, in the same order
+        with the other collective operations (as every operation of this engine). Arguments that
+        are JAX arrays of shape (N, 3) in the engine's dtype are taken for particle positions:
+        their layouts are made before the call and kept between calls (JAX arrays are immutable),
+        so a training step's input particles are routed once, not at every step.
+
+        Parameters
+        ----------
+        fn : callable
+            A function of JAX arrays (pytrees) written against this engine.
+
+        Returns
+        -------
+        callable with ``fn``'s signature; its results are computed when it returns.
+        """
+        if self._local is not None:
+            return jax.jit(fn)
+
+        def traced(handles, args, kwargs):
+            # the positions passed as arguments come with their layouts (made before the call)
+            leaves = jax.tree_util.tree_leaves((args, kwargs))
+            for x, h in zip(leaves, handles, strict=True):
+                if h is not None:
+                    self._handles[id(x)] = (x, h)
+            return fn(*args, **kwargs)
+
+        compiled = jax.jit(traced)
+
+        @functools.wraps(fn)
+        def step(*args, **kwargs):
+            # Positions passed as arguments (JAX arrays of shape (N, 3) in the engine's dtype;
+            # immutable, so their identity is their content) keep their layout between calls:
+            # the training loop's input particles are routed once, not at every step.
+            leaves = jax.tree_util.tree_leaves((args, kwargs))
+            handles = tuple(self._handle(x) if self._positions(x) else None for x in leaves)
+            first = self._next_handle
+            self._jit_depth += 1
+            try:
+                out = compiled(handles, args, kwargs)
+                jax.block_until_ready(out)
+                jax.effects_barrier()
+            finally:
+                self._jit_depth -= 1
+                if self._jit_depth == 0:
+                    self._free_layouts(first)
+            return out
+
+        step.compiled = compiled
+        return step
+
+    def _positions(self, x) -> bool:
+        """Whether an argument of a :meth:`jit` function is taken for particle positions."""
+        return (
+            isinstance(x, jax.Array)
+            and not isinstance(x, jax.core.Tracer)
+            and x.ndim == 2
+            and x.shape[1] == 3
+            and x.dtype == self.dtype
+        )
 
     def describe(self):
         """Configuration of this engine, for provenance records (adds ranks and process mesh)."""
         import pmesh
 
+        from .jax_backend import num_threads
+
         return super().describe() | {
             "ranks": int(self._comm.size),
             "procmesh": [int(n) for n in self.pm.np],
             "pmesh": getattr(pmesh, "__version__", "?"),
+            "threads": num_threads(),
+            "compiled": True,
         }
