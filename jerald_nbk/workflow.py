@@ -129,7 +129,9 @@ def train_stage(
     """Train one stage on in-memory inputs, writing params, metrics and checkpoints to ``outdir``.
 
     ``pos`` are the stage's input particles (for stellar and HI: the DM-improved ones), ``star``
-    the frozen stellar map for HI. Writes ``params.json`` (best by validation),
+    the frozen stellar map for HI. Several simulations: ``pos``, ``target_map`` (and ``star``) as
+    lists, one entry per simulation; the losses are summed over them
+    (:class:`~jerald_nbk.train.loop.Objective`) and the initial amplitude is the targets' mean. Writes ``params.json`` (best by validation),
     ``params_final.json``, ``metrics.jsonl``, ``checkpoint.npz``, ``training.png`` and
     ``parameters.png``. ``run``: keywords of :func:`fit_stage` (``inputs``, ``force_resume``,
     ``overwrite``, ``opt_state0``, ``start_step``).
@@ -137,7 +139,9 @@ def train_stage(
     cfg = train_config or TrainConfig()
     amplitude = 1.0
     if target in ("stellar", "hi"):
-        amplitude = initial_amplitude(pm.sum(target_map), pm.ncells)
+        maps = target_map if isinstance(target_map, list | tuple) else [target_map]
+        total = sum(float(pm.sum(m)) for m in maps) / len(maps)
+        amplitude = initial_amplitude(total, pm.ncells)
     config = StageConfig(target, n_layers, gradient_order, hi_shift, green, amplitude=amplitude)
     stage = Stage(pm, config)
     return fit_stage(
@@ -163,6 +167,9 @@ def fit_stage(
     start_step: int = 0,
 ) -> StageRun:
     """Train a given stage from ``raw0`` (default: its table's initial values) and write the run.
+
+    ``pos``, ``target_map`` and ``star`` may be lists (several simulations, losses summed; see
+    :class:`~jerald_nbk.train.loop.Objective`).
 
     Writes ``params.json`` (best by validation), ``params_final.json`` (the last step's parameters
     with their own losses), ``metrics.jsonl``, ``checkpoint.npz``, ``training.png`` and

@@ -145,12 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train one stage",
-        description="Train the dm, stellar or hi stage on a particle catalog and a target map. Stellar and HI start from the DM-improved particles (--dm-params); HI also needs the trained stellar stage (--stellar-params).",
+        description="Train the dm, stellar or hi stage on a particle catalog and a target map. Stellar and HI start from the DM-improved particles (--dm-params); HI also needs the trained stellar stage (--stellar-params). Several simulations: repeat --particles and --target-map (the first catalog goes with the first map, and so on); the loss is summed over the pairs.",
     )
     _add_common(p)
     p.add_argument("--target", required=True, choices=["dm", "stellar", "hi"])
     p.add_argument(
-        "--particles", required=True, help="FastPM/nbodykit bigfile catalog with Position (Mpc/h)"
+        "--particles",
+        required=True,
+        action="append",
+        help="FastPM/nbodykit bigfile catalog with Position (Mpc/h); repeat it, with "
+        "--target-map, to train on several simulations at once",
     )
     p.add_argument(
         "--dataset",
@@ -158,7 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="catalog dataset holding Position: auto (default: '1' as FastPM writes it, else the "
         "top level as nbodykit's catalog.save writes it), '1', or '' (top level)",
     )
-    p.add_argument("--target-map", required=True, help="target mesh (bigfile 'Field' or .npy)")
+    p.add_argument(
+        "--target-map",
+        required=True,
+        action="append",
+        help="target mesh (bigfile 'Field' or .npy); one per --particles, in the same order",
+    )
     p.add_argument(
         "--target-scale",
         type=float,
@@ -192,10 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "paint",
         help="paint maps with trained parameters",
-        description="Paint the DM (1+delta of the improved particles), stellar-mass and HI maps of a catalog and write them as bigfile meshes (and the improved particles as a catalog).",
+        description="Paint the DM (1+delta of the improved particles), stellar-mass and HI maps of one or many catalogs and write them as bigfile meshes (and the improved particles as a catalog). Many catalogs are painted with one compilation (one per particle count) and one progress bar; each gets its own sub-folder of --out.",
     )
     _add_common(p)
-    p.add_argument("--particles", required=True, help="FastPM/nbodykit bigfile catalog")
+    p.add_argument(
+        "--particles",
+        required=True,
+        nargs="+",
+        metavar="CATALOG",
+        help="FastPM/nbodykit bigfile catalog(s): one path, several paths, a quoted glob pattern "
+        "('sims/seed*/fastpm_z2'), or @LIST, a text file of catalog paths (one a line; blank "
+        "lines and # comments ignored; relative paths from LIST's folder). One plain path writes "
+        "its maps into --out itself; several catalogs, a glob or @LIST write each catalog's maps "
+        "into --out/NAME, NAME the catalog's folder name (with as many parent folder names, "
+        "joined by '_', as make the names unique). All catalogs must have the same BoxSize",
+    )
     p.add_argument(
         "--dataset",
         default="auto",
@@ -335,6 +355,12 @@ def parse(argv=None) -> argparse.Namespace:
         for action in sub._actions:  # noqa: SLF001
             if action.dest in cfg:
                 action.required = False
+            if isinstance(action, argparse._AppendAction) and action.dest in cfg:  # noqa: SLF001
+                flags = action.option_strings
+                if any(a in flags or a.split("=", 1)[0] in flags for a in argv):
+                    del cfg[action.dest]  # given on the command line: replaces the config's list
+                elif not isinstance(cfg[action.dest], list):
+                    cfg[action.dest] = [cfg[action.dest]]
         sub.set_defaults(**cfg)
     args = ap.parse_args(argv)
     if args.command:
@@ -500,14 +526,15 @@ def cmd_train(args) -> int:
 
 def _train_inputs(args) -> dict:
     """What ``jerald train`` knows of its inputs: file fingerprints and settings (run identity)."""
+    from ..train.loop import pair_label
     from ..utils import fingerprint_file
 
-    files = {
-        "particles file": args.particles,
-        "target map file": args.target_map,
-        "dm params file": args.dm_params,
-        "stellar params file": args.stellar_params,
-    }
+    n = len(args.particles)
+    files = {}
+    for i, (cat, tmap) in enumerate(zip(args.particles, args.target_map, strict=True)):
+        files[f"particles file{pair_label(i, n)}"] = cat
+        files[f"target map file{pair_label(i, n)}"] = tmap
+    files |= {"dm params file": args.dm_params, "stellar params file": args.stellar_params}
     doc = {name: fingerprint_file(path) for name, path in files.items() if path}
     return doc | {"dataset": args.dataset, "target scale": args.target_scale}
 
@@ -566,26 +593,46 @@ def _train(args) -> int:
     from ..utils import root_only, run_lock
     from .common import detect_dataset
 
-    tarr, mattrs = read_mesh(args.target_map)
+    if len(args.particles) != len(args.target_map):
+        raise ValueError(
+            f"{len(args.particles)} --particles but {len(args.target_map)} --target-map: give one "
+            "target map per catalog, in the same order"
+        )
+    tarr, mattrs = read_mesh(args.target_map[0])
     if np.ndim(tarr) != 3:
         raise ValueError(
-            f"map {args.target_map}: expected a 3-D mesh (Nmesh of 3 axes), found shape "
+            f"map {args.target_map[0]}: expected a 3-D mesh (Nmesh of 3 axes), found shape "
             f"{tuple(np.shape(tarr))}"
         )
     del tarr
     nmesh = tuple(int(n) for n in mattrs["Nmesh"])
-    box = wf.box_of(mattrs, args.target_map)
+    box = wf.box_of(mattrs, args.target_map[0])
     pm = wf.engine(nmesh, box, args.dtype, args.backend)
-    pos, cattrs = wf.read_particles(
-        args.particles, pm, detect_dataset(args.particles, args.dataset)
-    )
-    target_map, _ = wf.read_map(args.target_map, pm, args.target_scale)
-    settings = _apply_paper_defaults(args, cattrs, mattrs)
+    positions, targets, found_z = [], [], []
+    # every pair is read and checked (same Nmesh and BoxSize as the first map) before training
+    for cat, tmap in zip(args.particles, args.target_map, strict=True):
+        pos, cattrs = wf.read_particles(cat, pm, detect_dataset(cat, args.dataset))
+        target_map, tattrs = wf.read_map(tmap, pm, args.target_scale)
+        check_particles(pos, pm, f"catalog {cat}: Position")
+        check_target(target_map, pm, args.target, f"map {tmap}")
+        positions.append(pos)
+        targets.append(target_map)
+        found_z.append((wf.redshift_of(cattrs, tattrs), cat, tmap))
+        if len(positions) == 1:
+            first_attrs = (cattrs, tattrs)
+    known = [(z, c, t) for z, c, t in found_z if z is not None]
+    if args.redshift is None and any(abs(z - known[0][0]) > 1e-6 for z, _, _ in known):
+        listed = "; ".join(f"{c} / {t}: z = {z:g}" for z, c, t in known)
+        raise ValueError(
+            f"the simulations record different redshifts ({listed}); train one redshift at a "
+            "time, or pass --redshift to choose the settings"
+        )
+    settings = _apply_paper_defaults(args, *first_attrs)
     if pm.comm is None or pm.comm.rank == 0:
         print(settings, flush=True)
-    check_particles(pos, pm, f"catalog {args.particles}: Position")
-    check_target(target_map, pm, args.target, f"map {args.target_map}")
-    star = None
+        if len(positions) > 1:
+            print(f"[jerald] {len(positions)} simulations: the loss is their sum", flush=True)
+    stars = None
     if args.target in ("stellar", "hi"):
         if not args.dm_params:
             print(
@@ -594,18 +641,23 @@ def _train(args) -> int:
             )
         else:
             dm, raw = wf.load_stage(args.dm_params, pm, "dm")
-            pos = dm.displace(pos, raw)
+            positions = [dm.displace(x, raw) for x in positions]
     if args.target == "hi":
         if not args.stellar_params:
             raise SystemExit(
                 "jerald train --target hi needs --stellar-params (the frozen stellar stage)"
             )
         st, raw = wf.load_stage(args.stellar_params, pm, "stellar")
-        star = st.forward(pos, raw)
+        stars = [st.forward(x, raw) for x in positions]
+    # one simulation is passed as arrays (the run's fingerprint keeps its one-pair names)
+    one = len(positions) == 1
+    pos = positions[0] if one else positions
+    target_map = targets[0] if one else targets
+    star = (stars[0] if one else stars) if stars is not None else None
     order = args.gradient_order if args.gradient_order == "exact" else int(args.gradient_order)
     prov = {
-        "particles": str(args.particles),
-        "target_map": str(args.target_map),
+        "particles": str(args.particles[0]) if one else [str(c) for c in args.particles],
+        "target_map": str(args.target_map[0]) if one else [str(t) for t in args.target_map],
         "target_scale": args.target_scale,
         "redshift": args.redshift,
         "dm_params": args.dm_params,
@@ -652,10 +704,111 @@ def _train(args) -> int:
 MAP_UNITS = {"dm": "1+delta (DM mass)"}
 
 
+def expand_catalogs(values) -> tuple[list[Path], bool]:
+    """The catalogs ``jerald paint --particles`` names, and whether they are "many".
+
+    Parameters
+    ----------
+    values : list of str
+        Paths, glob patterns (expanded in sorted order when no such path exists) and ``@LIST``
+        files of paths (one a line; blank lines and ``#`` comments ignored; relative paths from
+        the list's folder).
+
+    Returns
+    -------
+    catalogs : list of Path
+    many : bool
+        False only for one plain path (its maps go into ``--out`` itself).
+    """
+    import glob
+
+    out: list[Path] = []
+    many = len(values) > 1
+    for value in values:
+        value = str(value)
+        if value.startswith("@"):
+            listing = Path(value[1:])
+            if not listing.is_file():
+                raise FileNotFoundError(f"--particles {value}: list file {listing} does not exist")
+            lines = [ln.split("#", 1)[0].strip() for ln in listing.read_text().splitlines()]
+            found = [
+                listing.parent / ln if not Path(ln).is_absolute() else Path(ln)
+                for ln in lines
+                if ln
+            ]
+            if not found:
+                raise ValueError(f"--particles {value}: list file {listing} names no catalog")
+            out += found
+            many = True
+        elif not Path(value).exists() and glob.has_magic(value):
+            found = sorted(Path(m) for m in glob.glob(value))
+            if not found:
+                raise FileNotFoundError(f"--particles {value!r}: no catalog matches the pattern")
+            out += found
+            many = True
+        else:
+            out.append(Path(value))
+    seen: dict = {}
+    for path in out:
+        key = path.resolve()
+        if key in seen:
+            raise ValueError(f"--particles: catalog {path} is given twice (also as {seen[key]})")
+        seen[key] = path
+    return out, many
+
+
+def catalog_names(paths) -> list[str]:
+    """One output sub-folder name per catalog: its folder name, with parents when not unique.
+
+    ``a/seed1/fastpm`` and ``a/seed2/fastpm`` are ``seed1_fastpm`` and ``seed2_fastpm``.
+    """
+    parts = [Path(p).resolve().parts[1:] or ("catalog",) for p in paths]
+    for depth in range(1, max(len(x) for x in parts) + 1):
+        names = ["_".join(x[-depth:]) for x in parts]
+        if len(set(names)) == len(names):
+            return names
+    raise ValueError(f"--particles: cannot name the outputs of {list(map(str, paths))} apart")
+
+
+def _catalog_size(path, dataset) -> int | None:
+    """Rows of a catalog's Position column (from its header), or None if unreadable."""
+    try:
+        import bigfile
+
+        with bigfile.File(str(path)) as ff:
+            return int(ff[f"{dataset}/Position" if dataset else "Position"].size)
+    except Exception:  # noqa: BLE001 - the read itself then says what is wrong
+        return None
+
+
+def _catalog_header(path, dataset, comm) -> dict:
+    """A catalog's attributes without its columns (falls back on reading this rank's share)."""
+    from ..io import catalogs, read_catalog
+
+    reader = getattr(catalogs, "catalog_attrs", None)
+    if reader is not None:
+        return reader(path, dataset)
+    return read_catalog(path, columns=("Position",), dataset=dataset, comm=comm)[1]
+
+
 def cmd_paint(args) -> int:
+    """``jerald paint``: the maps of one or many catalogs (see :func:`expand_catalogs`).
+
+    Every catalog's header is read and every output checked before anything is painted: a
+    catalog whose BoxSize differs from the first's (or ``--box-size``) is an error naming it, an
+    output that is not ours is refused, and nothing is written. The pipeline is compiled once per
+    particle count (catalogs are painted grouped by count; the progress output says when another
+    count compiles); under MPI each rank reads and paints its share of every catalog.
+    """
+    import numpy as np
+
     from .. import workflow as wf
-    from ..io import write_catalog, write_mesh
+    from ..io import read_catalog, write_catalog, write_mesh
     from ..io.paramfiles import load_params
+    from ..model.pipeline import TRACES
+    from ..train.validate import check_same_box
+    from ..utils import check_output, is_root, root_only
+    from .common import detect_dataset, positions_from_columns
 
     files = [f for f in (args.dm_params, args.stellar_params, args.hi_params) if f]
     if not files:
@@ -666,73 +819,107 @@ def cmd_paint(args) -> int:
     nmesh = args.Nmesh or prov.get("Nmesh")
     if nmesh is None:
         raise SystemExit(f"jerald paint: {files[0]} records no Nmesh; pass --Nmesh")
-    from ..io import read_catalog
-    from .common import detect_dataset, positions_from_columns
-
-    # read this rank's particles once: the header gives the default BoxSize
+    catalogs, many = expand_catalogs(args.particles)
     comm = wf.default_comm()
-    cols, cattrs = read_catalog(
-        args.particles,
-        columns=("Position",),
-        dataset=detect_dataset(args.particles, args.dataset),
-        comm=comm if comm.size > 1 else None,
-    )
-    box = args.box_size or (cattrs.get("BoxSize") if "BoxSize" in cattrs else prov.get("BoxSize"))
+    rcomm = comm if comm.size > 1 else None
+    datasets = [detect_dataset(c, args.dataset) for c in catalogs]
+    headers = [_catalog_header(c, d, rcomm) for c, d in zip(catalogs, datasets, strict=True)]
+    first = catalogs[0]
+    box = args.box_size or (headers[0].get("BoxSize") if "BoxSize" in headers[0] else None)
+    box = box if box is not None else prov.get("BoxSize")
     if box is None:
-        raise SystemExit(
-            f"jerald paint: no BoxSize in {args.particles} or {files[0]}; pass --box-size"
-        )
+        raise SystemExit(f"jerald paint: no BoxSize in {first} or {files[0]}; pass --box-size")
     pm = wf.engine(nmesh, box, args.dtype, args.backend)
-    pos = positions_from_columns(cols.pop("Position"), cattrs, pm, args.particles)
-    pipe = wf.pipeline_from_files(pm, args.dm_params, args.stellar_params, args.hi_params)
-    x = pipe.improve(pos)
-    pipe_maps = pipe.maps(pos, improved=x)
+    for path, attrs in zip(catalogs, headers, strict=True):  # every catalog before any paint
+        check_same_box({"BoxSize": pm.BoxSize}, "the model", attrs, f"catalog {path}")
     out = Path(args.out)
+    names = catalog_names(catalogs) if many else [""]
+    outdirs = [out / n if n else out for n in names]
+    pipe = wf.pipeline_from_files(pm, args.dm_params, args.stellar_params, args.hi_params)
+    kinds = [k for k in ("dm", "stellar", "hi") if getattr(pipe, k) is not None]
+    kinds += ["improved"] if args.save_particles else []
     # every output is checked before any is written: a refusal leaves nothing partial behind
-    from ..utils import check_output, root_only
-
-    names = [*pipe_maps, *(["improved"] if args.save_particles else [])]
-    for name in names:
-        check_output(out / name, args.overwrite)
-    attrs = {
-        "particles": str(args.particles),
+    for d in outdirs:
+        if d.exists() and not d.is_dir():
+            raise ValueError(f"--out {d} is a file, not a directory; it is left untouched")
+        for name in kinds:
+            check_output(d / name, args.overwrite)
+    sizes = [_catalog_size(c, d) for c, d in zip(catalogs, datasets, strict=True)]
+    # grouped by particle count (stable): one compilation per count
+    order = sorted(range(len(catalogs)), key=lambda i: (sizes[i] is None, sizes[i] or 0))
+    fn = pipe.maps_function(improved=args.save_particles)
+    raws = {k: np.asarray(getattr(pipe, k)[1]) for k in ("dm", "stellar", "hi") if getattr(pipe, k)}
+    base = {
         "dm_params": args.dm_params,
         "stellar_params": args.stellar_params,
         "hi_params": args.hi_params,
         "model": "JERALD (jerald_nbk)",
         "command": " ".join(sys.argv),
     }
-    # what nbodykit users look for, when the catalog or the parameter file records it
-    for key in ("redshift", "Time", "cosmology", "Om0"):
-        if key in cattrs:
-            attrs[key] = cattrs[key]
-        elif key in prov and prov[key] is not None:
-            attrs[key] = prov[key]
-    for name, local in pipe_maps.items():
-        full = wf.to_global(pm, local)
-        with root_only(pm.comm, f"writing {out / name}") as root:
-            if root:
-                units = MAP_UNITS.get(name, "map units of the target it was trained on")
-                write_mesh(
-                    out / name,
-                    full,
-                    pm.BoxSize,
-                    attrs | {"map": name, "units": units, "BoxSize_units": "Mpc/h"},
-                    overwrite=args.overwrite,
-                )
-                print(f"[jerald] {name} map: {out / name}")
-    if args.save_particles:
-        import numpy as np
+    root = is_root(pm.comm)
+    bar = None
+    if many and root and not args.quiet:
+        from tqdm.auto import tqdm
 
-        write_catalog(
-            out / "improved",
-            {"Position": np.asarray(x)},
-            attrs | {"BoxSize": pm.BoxSize},
-            comm=pm.comm,
-            overwrite=args.overwrite,
-        )
-        if pm.comm is None or pm.comm.rank == 0:
-            print(f"[jerald] improved particles: {out / 'improved'}")
+        bar = tqdm(total=len(catalogs), desc="paint", unit="catalog", file=sys.stderr)
+    say = (bar.write if bar is not None else print) if root else (lambda *a, **k: None)
+    compiles = pm.static_key() is not None  # the MPI engine runs eagerly: nothing compiles
+    traces0, last_n = TRACES["maps"], None  # last_n: the particle count last painted
+    for i in order:
+        path, dest = catalogs[i], outdirs[i]
+        cols, cattrs = read_catalog(path, columns=("Position",), dataset=datasets[i], comm=rcomm)
+        pos = positions_from_columns(cols.pop("Position"), cattrs, pm, path)
+        traced, t0 = TRACES["maps"], time.perf_counter()
+        res = fn(pos, raws)  # traces and compiles here, synchronously, when it must
+        if compiles and TRACES["maps"] > traced and not args.quiet:
+            again = " (recompiled: another particle count)" if last_n is not None else ""
+            say(
+                f"[jerald] compiled the pipeline for {len(pos)} particles in "
+                f"{time.perf_counter() - t0:.1f} s{again}",
+                file=sys.stderr,
+            )
+        last_n = len(pos)
+        attrs = base | {"particles": str(path)}
+        # what nbodykit users look for, when the catalog or the parameter file records it
+        for key in ("redshift", "Time", "cosmology", "Om0"):
+            if key in cattrs:
+                attrs[key] = cattrs[key]
+            elif key in prov and prov[key] is not None:
+                attrs[key] = prov[key]
+        for name in ("dm", "stellar", "hi"):
+            if name not in res:
+                continue
+            full = wf.to_global(pm, res[name])
+            with root_only(pm.comm, f"writing {dest / name}") as is_r:
+                if is_r:
+                    units = MAP_UNITS.get(name, "map units of the target it was trained on")
+                    write_mesh(
+                        dest / name,
+                        full,
+                        pm.BoxSize,
+                        attrs | {"map": name, "units": units, "BoxSize_units": "Mpc/h"},
+                        overwrite=args.overwrite,
+                    )
+                    if bar is None:
+                        print(f"[jerald] {name} map: {dest / name}")
+        if args.save_particles:
+            write_catalog(
+                dest / "improved",
+                {"Position": np.asarray(res["improved"])},
+                attrs | {"BoxSize": pm.BoxSize},
+                comm=pm.comm,
+                overwrite=args.overwrite,
+            )
+            if root and bar is None:
+                print(f"[jerald] improved particles: {dest / 'improved'}")
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if many and root:
+        n_compiled = TRACES["maps"] - traces0 if compiles else 0
+        how = f"{n_compiled} compilation(s)" if compiles else "eager MPI engine"
+        print(f"[jerald] {len(catalogs)} catalogs painted into {out}/<name> ({how})")
     return 0
 
 

@@ -218,24 +218,30 @@ class Pipeline:
     def _stages(self) -> dict:
         return {k: v for k, v in (("dm", self.dm), ("stellar", self.stellar), ("hi", self.hi)) if v}
 
-    def maps_function(self):
+    def maps_function(self, improved: bool = False):
         """:meth:`maps` compiled once: ``f(pos, raws) -> maps``, ``raws`` a dict of raw vectors.
 
         The positions and the stages' parameters are arguments, so one compilation serves every
         catalog with the same particle count (and every pipeline whose stages have the same
         static configuration: the compiled function is cached by their
-        :meth:`Stage.static_key`). On the MPI engine the function runs eagerly.
+        :meth:`Stage.static_key`). On the MPI engine the function runs eagerly. Each trace
+        (on the JAX engine: each compilation) is counted in :data:`TRACES` ``["maps"]``.
+
+        Parameters
+        ----------
+        improved : bool
+            Also return the DM-improved positions (:meth:`improve`) under ``"improved"``.
         """
         stages = self._stages()
         if not stages:
             raise ValueError("the pipeline has no stage")
-        keys = tuple((k, s.static_key()) for k, (s, _) in stages.items())
-        if any(key is None for _, key in keys):
-            fn = self.__dict__.get("_maps_fn")
-            if fn is None:
-                fn = self.__dict__["_maps_fn"] = _maps_function(stages)
-            return fn
-        fn = _MAPS_CACHE.pop(keys, None) or _maps_function(stages)
+        keys = (tuple((k, s.static_key()) for k, (s, _) in stages.items()), bool(improved))
+        if any(key is None for _, key in keys[0]):
+            own = self.__dict__.setdefault("_maps_fns", {})  # this pipeline's own functions
+            if keys[1] not in own:
+                own[keys[1]] = _maps_function(stages, improved)
+            return own[keys[1]]
+        fn = _MAPS_CACHE.pop(keys, None) or _maps_function(stages, improved)
         _MAPS_CACHE[keys] = fn
         while len(_MAPS_CACHE) > _MAPS_CACHE_SIZE:
             del _MAPS_CACHE[next(iter(_MAPS_CACHE))]
@@ -273,12 +279,21 @@ class Pipeline:
 _MAPS_CACHE: dict = {}
 _MAPS_CACHE_SIZE = 8
 
+#: traces of the compiled :meth:`Pipeline.maps_function` functions: on the JAX engine one trace
+#: is one compilation; the MPI engine runs eagerly and counts every call
+TRACES: dict = {"maps": 0}
 
-def _maps_function(stages: dict):
+
+def _maps_function(stages: dict, improved: bool = False):
     """``f(pos, raws) -> maps`` for the stages ``{name: (Stage, raw)}`` (their raws unused)."""
 
     def maps(pos, raws):
-        parts = {k: (stage, raws[k]) for k, (stage, _) in stages.items()}
-        return Pipeline(**parts).maps(pos)
+        TRACES["maps"] += 1
+        pipe = Pipeline(**{k: (stage, raws[k]) for k, (stage, _) in stages.items()})
+        x = pipe.improve(pos)
+        out = pipe.maps(pos, improved=x)
+        if improved:
+            out["improved"] = x
+        return out
 
     return next(iter(stages.values()))[0].pm.jit(maps)
