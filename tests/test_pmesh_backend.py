@@ -72,9 +72,9 @@ def allgather_particles(local, n, comm=COMM):
     return out
 
 
-def engines(name, dtype):
+def engines(name, dtype, fft="xla"):
     nmesh, box = MESHES[name]
-    return PmeshEngine(nmesh, box, dtype=dtype), JaxEngine(nmesh, box, dtype=dtype)
+    return PmeshEngine(nmesh, box, dtype=dtype, fft=fft), JaxEngine(nmesh, box, dtype=dtype)
 
 
 def relerr(a, b):
@@ -156,10 +156,12 @@ def test_readout_and_gradient_parity(world, dtype, mesh):
 
 
 @pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("fft", ["xla", "pfft"])
 @pytest.mark.parametrize("dtype", ["f8", "f4"])
 @pytest.mark.parametrize("mesh", list(MESHES))
-def test_fft_parity(world, dtype, mesh):
-    pp, jp = engines(mesh, dtype)
+def test_fft_parity(world, dtype, mesh, fft):
+    # both FFT routes: XLA's 1-D FFTs with all-to-alls between slabs (default), and pmesh's pfft
+    pp, jp = engines(mesh, dtype, fft)
     rng = np.random.default_rng(5)
     field = rng.normal(size=pp.Nmesh + (2,)).astype(dtype)
     ck = pp.r2c(pp.to_local(field))
@@ -232,10 +234,11 @@ def test_adjoint_identity_and_mass_conservation(world, dtype):
 
 
 @pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("fft", ["xla", "pfft"])
 @pytest.mark.parametrize("mesh", ["cubic", "noncubic", "odd"])
-def test_vjp_parity_each_operation(world, mesh):
+def test_vjp_parity_each_operation(world, mesh, fft):
     # every backward rule against JaxEngine's with random cotangents (complex ones not Hermitian)
-    pp, jp = engines(mesh, "f8")
+    pp, jp = engines(mesh, "f8", fft)
     n = 2000
     pos, mass = catalog(n, pp.BoxSize, seed=9, nch=2)
     rng = np.random.default_rng(10)

@@ -19,8 +19,13 @@ MPI collectives inside them match up; plain ``pure_callback`` under ``jit`` give
   the :attr:`~PmeshEngine.layout_cache` most recent.
 * **Local CIC.** On each rank the C++ kernels (``jerald_nbk._cic``, the JAX engine's) paint and read
   the routed particles on the slab padded by one ghost plane.
-* **FFTs** are pfft's (pmesh), in pmesh's normalisation which is also ours
-  (:mod:`jerald_nbk.pm.fourier`).
+* **FFTs** (``fft="xla"``, the default) are XLA's 1-D FFTs on each rank's slab: along z and y on
+  the x slab, one all-to-all (a callback) to y slabs, along x there; the inverse the other way.
+  Complex meshes live on y slabs: every x, this rank's y range, the halved z axis. The all-to-alls
+  are permutations, each the other's adjoint, so JAX differentiates the FFTs itself. Measured
+  against pmesh's pfft on the same slabs in ``benchmarks/mpi_engine.py`` (``docs/scaling.md``);
+  ``fft="pfft"`` keeps pfft (pmesh's transposed complex layout), in pmesh's normalisation, which
+  is also ours (:mod:`jerald_nbk.pm.fourier`).
 
 On one rank nothing is distributed: the operations are the JAX engine's own (C++ CIC through XLA
 FFI, ``jnp.fft``), with no callback at all.
@@ -249,6 +254,64 @@ def _c2r_bwd(eng, _, ct):
 _c2r.defvjp(_c2r_fwd, _c2r_bwd)
 
 
+# The FFTs of ``fft="xla"``: XLA's own 1-D transforms on each rank's slab, with one all-to-all
+# between them that moves the (partly transformed) mesh from x slabs to y slabs or back. The
+# all-to-alls are permutations of the mesh's elements: each one's adjoint is the other, and JAX
+# differentiates the FFTs itself (as on the JAX engine).
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _to_yslabs(eng, a):
+    """(nxl, Ny, Nzh, C) x slab -> (Nx, nyl, Nzh, C) y slab (all-to-all)."""
+    send = jnp.concatenate([a[:, y0:y1].reshape(-1) for y0, y1 in eng._yranges])
+    nch = a.shape[-1]
+    size = eng.Nmesh[0] * eng._ny_local * a.shape[2] * nch
+    recv = _callback(
+        functools.partial(eng._np_alltoall, "xy", a.shape[2] * nch),
+        jax.ShapeDtypeStruct((size,), a.dtype),
+        send,
+    )
+    return recv.reshape(eng.Nmesh[0], eng._ny_local, a.shape[2], nch)
+
+
+def _to_yslabs_fwd(eng, a):
+    return _to_yslabs(eng, a), None
+
+
+def _to_yslabs_bwd(eng, _, ct):
+    return (_to_xslabs(eng, ct),)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _to_xslabs(eng, b):
+    """(Nx, nyl, Nzh, C) y slab -> (nxl, Ny, Nzh, C) x slab (all-to-all)."""
+    nzh, nch = b.shape[2], b.shape[3]
+    nxl = eng.local_real_shape[0]
+    recv = _callback(
+        functools.partial(eng._np_alltoall, "yx", nzh * nch),
+        jax.ShapeDtypeStruct((nxl * eng.Nmesh[1] * nzh * nch,), b.dtype),
+        b.reshape(-1),
+    )
+    parts, start = [], 0
+    for y0, y1 in eng._yranges:
+        n = nxl * (y1 - y0) * nzh * nch
+        parts.append(recv[start : start + n].reshape(nxl, y1 - y0, nzh, nch))
+        start += n
+    return jnp.concatenate(parts, axis=1)
+
+
+def _to_xslabs_fwd(eng, b):
+    return _to_xslabs(eng, b), None
+
+
+def _to_xslabs_bwd(eng, _, ct):
+    return (_to_yslabs(eng, ct),)
+
+
+_to_yslabs.defvjp(_to_yslabs_fwd, _to_yslabs_bwd)
+_to_xslabs.defvjp(_to_xslabs_fwd, _to_xslabs_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _allsum(eng, x):
     """Sum of ``x`` over all its elements and all ranks."""
@@ -295,9 +358,11 @@ class PmeshEngine(ParticleMesh):
     Each rank passes its own particles (any subset of the catalog; positions need not be in the
     slab nor wrapped into the box) and holds the local slab of every mesh: real meshes have shape
     :attr:`local_real_shape` (plus an optional channel axis), complex meshes
-    :attr:`local_complex_shape` (the local part of pmesh's transposed rfft layout).
-    :meth:`kvec` and :meth:`mesh_index` describe those local layouts. The mesh is cut into x slabs
-    (pmesh's process mesh ``[ranks, 1]``), so there can be at most ``Nmesh[0]`` ranks.
+    :attr:`local_complex_shape` (every x, this rank's y range and the halved z axis; with
+    ``fft="pfft"`` the local part of pmesh's transposed rfft layout). :meth:`kvec`,
+    :meth:`mesh_index` and :meth:`local_slices` describe those local layouts. Real meshes are cut
+    into x slabs (pmesh's process mesh ``[ranks, 1]``), complex ones into y slabs, so there can be
+    at most ``min(Nmesh[0], Nmesh[1])`` ranks.
 
     Parameters
     ----------
@@ -309,6 +374,8 @@ class PmeshEngine(ParticleMesh):
     layout_cache : int
         Particle layouts kept between *eager* calls (least recently used first out); those made
         inside a :meth:`jit` function are freed when it returns.
+    fft : {"xla", "pfft"}
+        Distributed FFTs from XLA's 1-D FFTs and all-to-alls (default), or pmesh's pfft.
 
     Notes
     -----
@@ -327,7 +394,7 @@ class PmeshEngine(ParticleMesh):
 
     name = "pmesh"
 
-    def __init__(self, Nmesh, BoxSize, dtype="f4", comm=None, layout_cache=4):
+    def __init__(self, Nmesh, BoxSize, dtype="f4", comm=None, layout_cache=4, fft="xla"):
         super().__init__(Nmesh, BoxSize, dtype)
         import pmesh.pm
 
@@ -336,10 +403,15 @@ class PmeshEngine(ParticleMesh):
 
             comm = MPI.COMM_WORLD
         self._comm = comm
-        if comm.size > self.Nmesh[0]:
+        if fft not in ("xla", "pfft"):
+            raise ValueError(f"fft must be 'xla' or 'pfft', got {fft!r}")
+        #: FFT implementation: XLA's 1-D FFTs and all-to-alls ("xla") or pmesh's pfft ("pfft")
+        self.fft = fft
+        if comm.size > min(self.Nmesh[:2]):
             raise ValueError(
-                f"PmeshEngine cuts the mesh into x slabs: {comm.size} ranks need Nmesh[0] >= "
-                f"{comm.size}, got Nmesh {self.Nmesh}"
+                f"PmeshEngine cuts the mesh into x slabs (and y slabs in Fourier space): "
+                f"{comm.size} ranks need Nmesh[0] and Nmesh[1] >= {comm.size}, got Nmesh "
+                f"{self.Nmesh}"
             )
         self.pm = pmesh.pm.ParticleMesh(
             Nmesh=list(self.Nmesh),
@@ -360,11 +432,28 @@ class PmeshEngine(ParticleMesh):
         self._complex_slices = tuple(cplx.slices)
         self._real_index = tuple(np.asarray(i) for i in real.i)
         cidx = tuple(np.asarray(i) for i in cplx.i)
+        nx, ny, nz = self.Nmesh
+        size, rank = comm.size, comm.rank
+        #: y ranges of the ranks' complex slabs (``fft="xla"``)
+        self._yranges = [(r * ny // size, (r + 1) * ny // size) for r in range(size)]
+        y0, y1 = self._yranges[rank]
+        self._ny_local = y1 - y0
+        self._nx_all = np.array(
+            [int(s.stop) - int(s.start) for s in comm.allgather(self._real_slices[0])]
+        )
+        if fft == "xla" and size > 1:
+            # complex meshes: every x, this rank's y range, the halved z axis
+            self.local_complex_shape = (nx, y1 - y0, nz // 2 + 1)
+            self._complex_slices = (slice(0, nx), slice(y0, y1), slice(0, nz // 2 + 1))
+            cidx = (
+                np.arange(nx).reshape(-1, 1, 1),
+                np.arange(y0, y1).reshape(1, -1, 1),
+                np.arange(nz // 2 + 1).reshape(1, 1, -1),
+            )
 
         # k from the global indices with fourier's own tables rather than pmesh's ``field.x``:
         # pmesh folds index n >= N // 2 to n - N, which is wrong for odd N (n = (N-1)/2 is
         # positive) and gives the last, halved axis a negative Nyquist k (rfftfreq: positive).
-        nx, ny, nz = self.Nmesh
         lx, ly, lz = self.BoxSize
         self._kvec = (
             jnp.asarray(fourier.fftfreq_k(nx, lx).astype(self.dtype)[cidx[0]]),
@@ -672,6 +761,25 @@ class PmeshEngine(ParticleMesh):
         out *= self.dtype.type(1.0 / self.ncells)
         return out
 
+    def _np_alltoall(self, kind, row, send):
+        """x slabs -> y slabs (``kind="xy"``) or back, of a flattened (partly FFT'd) mesh.
+
+        ``row``: elements per (x, y) pair (the z length times the channels).
+        """
+        rank = self._comm.rank
+        ny = np.array([y1 - y0 for y0, y1 in self._yranges], dtype=np.int64)
+        nx = self._nx_all.astype(np.int64)
+        if kind == "xy":  # to rank s: my x planes, its y rows
+            counts, recv_counts = nx[rank] * ny * row, nx * ny[rank] * row
+        else:
+            counts, recv_counts = nx * ny[rank] * row, nx[rank] * ny * row
+        send = np.ascontiguousarray(send)
+        recv = np.empty(int(recv_counts.sum()), send.dtype)
+        sdis = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        rdis = np.concatenate([[0], np.cumsum(recv_counts)[:-1]])
+        self._comm.Alltoallv([send, (counts, sdis)], [recv, (recv_counts, rdis)])
+        return recv
+
     def _np_allreduce(self, x):
         from mpi4py import MPI
 
@@ -784,7 +892,13 @@ class PmeshEngine(ParticleMesh):
         if self._local is not None:
             return self._local.r2c(mesh)
         single = mesh.ndim == 3
-        out = _r2c(self, mesh[..., None] if single else mesh)
+        mesh = mesh[..., None] if single else mesh
+        if self.fft == "pfft":
+            out = _r2c(self, mesh)
+        else:
+            a = jnp.fft.fft(jnp.fft.rfft(mesh, axis=2), axis=1)
+            out = jnp.fft.fft(_to_yslabs(self, a), axis=0) * fourier.r2c_scale(self.ncells)
+            out = out.astype(self.complex_dtype)
         return out[..., 0] if single else out
 
     def c2r(self, cmesh):
@@ -802,7 +916,13 @@ class PmeshEngine(ParticleMesh):
         if self._local is not None:
             return self._local.c2r(cmesh)
         single = cmesh.ndim == 3
-        out = _c2r(self, cmesh[..., None] if single else cmesh)
+        cmesh = cmesh[..., None] if single else cmesh
+        if self.fft == "pfft":
+            out = _c2r(self, cmesh)
+        else:
+            a = jnp.fft.ifft(_to_xslabs(self, jnp.fft.ifft(cmesh, axis=0)), axis=1)
+            out = jnp.fft.irfft(a, n=self.Nmesh[2], axis=2) * fourier.c2r_scale(self.ncells)
+            out = out.astype(self.dtype)
         return out[..., 0] if single else out
 
     def replicated(self, x):
