@@ -92,38 +92,52 @@ def _alltoallv(comm, send, counts, recv_counts):
 
 
 class _Layout:
-    """Where this rank's particles go, and the particles this rank received (positions routed).
+    """Where this rank's particles go, and the particles this rank holds for it (routed).
+
+    The rows of a layout are the particles and a ghost copy of those whose CIC window straddles
+    two slabs. Rows whose slab is this rank's stay here (most of them: the *self* rows, first);
+    the others (*foreign*) are sent, grouped by destination, with one ``Alltoallv``.
 
     Attributes
     ----------
     n : int
         Local particles.
-    src : int64 array
-        For each row sent, in destination order, the local particle it copies.
-    ghost : int64 array
-        The particles sent twice (their window straddles two slabs); their second copy is
-        ``src[perm[n + i]]``.
-    perm : int64 array
-        ``send_rows[perm] = arange(n + len(ghost))`` order of (particles, then ghost copies).
+    self_src : int64 array or None
+        The particle of each self row (None: the self rows are the particles, in order).
+    foreign_src : int64 array
+        The particle of each foreign row, in destination order.
     counts, recv_counts : int64 arrays
-        Rows sent to / received from each rank.
+        Foreign rows sent to / received from each rank (0 for this rank).
+    active : bool
+        Whether any rank sends a row to another (the same on every rank: the exchanges and
+        gathers are collective, all ranks call them or none).
     upos : (M, 3) array
-        Received positions: x in cells from the padded slab's first (ghost) plane, y and z in Mpc/h.
+        Positions of the rows held here (self rows, then those received): x in cells from the
+        padded slab's first (ghost) plane, y and z in Mpc/h.
     """
 
-    __slots__ = ("n", "perm", "ghost", "counts", "recv_counts", "upos", "src")
+    __slots__ = ("n", "self_src", "foreign_src", "counts", "recv_counts", "upos", "active")
 
     def exchange(self, comm, data):
-        """Rows of ``data`` (one per local particle) on the ranks that received the particles."""
-        return _alltoallv(comm, np.ascontiguousarray(data[self.src]), self.counts, self.recv_counts)
+        """Rows of ``data`` (one per local particle) for the rows held here."""
+        mine = data if self.self_src is None else data[self.self_src]
+        if not self.active:
+            return np.ascontiguousarray(mine)
+        sent = np.ascontiguousarray(data[self.foreign_src])
+        return np.concatenate([mine, _alltoallv(comm, sent, self.counts, self.recv_counts)])
 
     def gather(self, comm, values):
-        """Partial results of the received rows summed back onto the local particles."""
-        back = _alltoallv(comm, np.ascontiguousarray(values), self.recv_counts, self.counts)
-        rows = np.empty_like(back)
-        rows[self.perm] = back
-        out = rows[: self.n]
-        out[self.ghost] += rows[self.n :]
+        """Partial results of the rows held here, summed back onto the local particles."""
+        nself = self.n if self.self_src is None else self.self_src.size
+        if self.self_src is None:
+            out = np.array(values[:nself])
+        else:
+            out = np.zeros((self.n,) + values.shape[1:], values.dtype)
+            out[self.self_src] = values[:nself]
+        if self.active:
+            back = np.ascontiguousarray(values[nself:])
+            back = _alltoallv(comm, back, self.recv_counts, self.counts)
+            np.add.at(out, self.foreign_src, back)
         return out
 
 
@@ -620,9 +634,8 @@ class PmeshEngine(ParticleMesh):
         """Route this rank's particles to the slab(s) their CIC window touches (collective)."""
         pos = np.asarray(pos)
         n = pos.shape[0]
-        nx = self.Nmesh[0]
-        u = pos[:, 0].astype(np.float64)
-        u *= nx / self.BoxSize[0]
+        nx, rank = self.Nmesh[0], self._comm.rank
+        u = pos[:, 0] * np.float64(nx / self.BoxSize[0])
         fl = np.floor(u)
         u -= fl  # the fraction, as the C++ kernel computes it: the same CIC weights
         i0 = fl.astype(np.int64)
@@ -630,29 +643,48 @@ class PmeshEngine(ParticleMesh):
         if outside.any():  # particles outside the box (rare): wrap
             i0[outside] %= nx
         own0 = self._plane_owner[i0]
-        # a particle in the last plane of a slab also paints the next rank's first plane
+        # a particle in the last plane of a slab also paints the next rank's first plane: a ghost
+        # row, whose x is 0 cells from its destination's ghost plane (its own rows: 1..nxl)
         ghost = np.flatnonzero(self._slab_end[i0])
         own1 = self._plane_owner[(i0[ghost] + 1) % nx]
-        dest = np.concatenate([own0, own1])
-        # x in cells from the destination's ghost plane x0 - 1: its own particles are 1..nxl cells
-        # in, ghost copies (lower plane x0 - 1 of their destination) 0
-        xcell = np.concatenate([(i0 - (self._x0[own0] - 1)) + u, u[ghost]])
-        size = self._comm.size
-        if size <= 8:  # a few passes beat a sort
-            perm = np.concatenate([np.flatnonzero(dest == r) for r in range(size)])
-        else:
-            perm = np.argsort(dest.astype(np.int16 if size < 2**15 else np.int32), kind="stable")
-        src = np.concatenate([np.arange(n, dtype=np.int64), ghost])[perm]
-        counts = np.bincount(dest, minlength=size).astype(np.int64)
-        recv_counts = np.empty_like(counts)
-        self._comm.Alltoall(counts, recv_counts)
-        send = np.empty((src.size, 3), self.dtype)
-        send[:, 0] = xcell[perm]
-        send[:, 1:] = pos[src, 1:]
+        x_own = (i0 - (self._x0[own0] - 1)) + u
+
+        home = own0 == rank
+        ghost_home = own1 == rank
         layout = _Layout()
-        layout.n, layout.src, layout.ghost = n, src, ghost
-        layout.perm, layout.counts, layout.recv_counts = perm, counts, recv_counts
-        layout.upos = _alltoallv(self._comm, send, counts, recv_counts)
+        layout.n = n
+        if home.all() and not ghost_home.any():
+            layout.self_src = None
+            upos_self = np.empty((n, 3), self.dtype)
+            upos_self[:, 0] = x_own
+            upos_self[:, 1:] = pos[:, 1:]
+        else:
+            layout.self_src = np.concatenate([np.flatnonzero(home), ghost[ghost_home]])
+            upos_self = np.empty((layout.self_src.size, 3), self.dtype)
+            upos_self[:, 0] = np.concatenate([x_own[home], u[ghost[ghost_home]]])
+            upos_self[:, 1:] = pos[layout.self_src, 1:]
+        # foreign rows: particles of other slabs, ghost copies for other ranks; by destination
+        away = np.flatnonzero(~home)
+        gaway = np.flatnonzero(~ghost_home)
+        dest = np.concatenate([own0[away], own1[gaway]])
+        src = np.concatenate([away, ghost[gaway]])
+        xs = np.concatenate([x_own[away], u[ghost[gaway]]])
+        order = np.argsort(dest, kind="stable")
+        layout.foreign_src = src[order]
+        counts = np.bincount(dest, minlength=self._comm.size).astype(np.int64)
+        matrix = np.empty((self._comm.size, counts.size), np.int64)  # [from, to]
+        self._comm.Allgather(counts, matrix)
+        recv_counts = np.ascontiguousarray(matrix[:, rank])
+        layout.counts, layout.recv_counts = counts, recv_counts
+        layout.active = bool(matrix.any())
+        send = np.empty((order.size, 3), self.dtype)
+        send[:, 0] = xs[order]
+        send[:, 1:] = pos[layout.foreign_src, 1:]
+        if layout.active:
+            upos_self = np.concatenate(
+                [upos_self, _alltoallv(self._comm, send, counts, recv_counts)]
+            )
+        layout.upos = upos_self
         handle = self._next_handle
         self._next_handle = (handle + 1) % (2**31 - 1)
         self._layouts[handle] = layout
