@@ -282,10 +282,9 @@ def check_outputs(
         while not anc.exists() and anc != anc.parent:
             anc = anc.parent
         if not anc.is_dir():
-            where = f"{flag} {out}" + ("" if anc == out else f": {anc}")
             raise ForeignOutputError(
-                f"{where} is a file, not a directory: the outputs cannot go there (it is left "
-                f"untouched); choose another {flag}"
+                f"{flag} {out}: Not a directory: {anc} is a file, the outputs cannot go there "
+                f"(it is left untouched); choose another {flag}"
             )
         for m in maps:
             check_mesh_output(m, overwrite)
