@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..geometry import BOX_RTOL, box_vector
 from ..utils import ForeignOutputError, atomic_dir, atomic_write
 from . import _bigfile
 
@@ -57,18 +58,6 @@ def sidecar_path(path) -> Path:
 
 def _is_npy(path) -> bool:
     return str(path).endswith(".npy")
-
-
-def _boxsize_vector(BoxSize, ndim: int, where: str) -> np.ndarray:
-    try:
-        box = np.broadcast_to(np.asarray(BoxSize, dtype=float), (ndim,)).copy()
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{where}: BoxSize must be a number or {ndim} numbers, got {BoxSize!r}"
-        ) from None
-    if not np.all(np.isfinite(box)) or np.any(box <= 0):
-        raise ValueError(f"{where}: BoxSize must be positive and finite, got {box.tolist()}")
-    return box
 
 
 def _check_array(array, where: str) -> np.ndarray:
@@ -131,7 +120,7 @@ def write_mesh(
     path = Path(path)
     where = f"mesh {path}"
     arr = _check_array(array, where)
-    box = _boxsize_vector(BoxSize, arr.ndim, where)
+    box = box_vector(BoxSize, where, ndim=arr.ndim)
     attrs = dict(attrs or {})
     clash = sorted(set(attrs) & set(MESH_ATTRS))
     if clash:
@@ -324,8 +313,8 @@ def _read(path, dataset, BoxSize, Nmesh, planes):
         arr, attrs = _read_bigfile_mesh(path, dataset, planes)
         where = f"mesh {path}: dataset {dataset!r}"
     if BoxSize is not None:
-        want = _boxsize_vector(BoxSize, arr.ndim, "expected BoxSize")
-        if not np.allclose(attrs["BoxSize"], want, rtol=1e-6, atol=0):
+        want = box_vector(BoxSize, "expected BoxSize", ndim=arr.ndim)
+        if not np.allclose(attrs["BoxSize"], want, rtol=BOX_RTOL, atol=0):
             raise ValueError(
                 f"{where}: BoxSize {attrs['BoxSize'].tolist()} != expected {want.tolist()}"
             )
@@ -447,7 +436,7 @@ def _read_npy(path: Path, BoxSize, planes=None):
         raise FileNotFoundError(
             f"{where}: sidecar {side} with BoxSize is missing; pass BoxSize= to read it without one"
         )
-    attrs["BoxSize"] = _boxsize_vector(attrs["BoxSize"], arr.ndim, f"mesh sidecar {side}")
+    attrs["BoxSize"] = box_vector(attrs["BoxSize"], f"mesh sidecar {side}", ndim=arr.ndim)
     nmesh = np.asarray(attrs.get("Nmesh", shape), dtype=np.int64)
     if not np.array_equal(nmesh, shape):
         raise ValueError(f"mesh sidecar {side}: Nmesh {nmesh.tolist()} != array shape {shape}")
@@ -505,7 +494,7 @@ def _read_bigfile_mesh(path: Path, dataset: str, planes=None):
             data = _bigfile.read_rows(block, x0 * plane, x1 * plane, path, dataset, kind)
     attrs["Nmesh"] = nmesh
     attrs["ndarray.shape"] = shape
-    attrs["BoxSize"] = _boxsize_vector(attrs["BoxSize"], nmesh.size, where + " attribute 'BoxSize'")
+    attrs["BoxSize"] = box_vector(attrs["BoxSize"], where + " attribute 'BoxSize'", ndim=nmesh.size)
     return data.reshape((x1 - x0, *nmesh[1:])), attrs
 
 
