@@ -195,6 +195,7 @@ def _snapshot_rows(files, pm, ptype: int, datasets) -> tuple[dict, dict, float]:
     Coordinates come back in Mpc/h, wrapped into the box; the snapshot's BoxSize must equal the
     model's.
     """
+    from ..geometry import box_vector, wrap_positions
     from ..io.snapshots import (
         _check_rows,
         _collective,
@@ -209,7 +210,7 @@ def _snapshot_rows(files, pm, ptype: int, datasets) -> tuple[dict, dict, float]:
     heads = read_headers(files)
     h0 = heads[0]
     length, _ = _length_factor(h0, "auto")
-    box = np.broadcast_to(np.asarray(h0["BoxSize"], dtype=float), (3,)) * length
+    box = box_vector(h0["BoxSize"], f"snapshot {files[0]}: Header/BoxSize") * length
     try:
         check_same_box(
             {"BoxSize": pm.BoxSize}, "the model", {"BoxSize": box}, f"snapshot {files[0]}"
@@ -223,7 +224,9 @@ def _snapshot_rows(files, pm, ptype: int, datasets) -> tuple[dict, dict, float]:
     # masses and abundances >= 0, positions at most ten box lengths out, before wrapping
     signed = {k: v for k, v in cols.items() if k not in ("Coordinates", "Velocities")}
     _check_rows(pos, signed.pop("Masses", np.zeros(0)), signed, box, files, ptype, comm)
-    cols["Coordinates"] = np.mod(pos, box)
+    cols["Coordinates"] = wrap_positions(
+        np.asarray(pos, dtype=np.float64), box, f"snapshot {files[0]}"
+    )
     return cols, h0, length
 
 

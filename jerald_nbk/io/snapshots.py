@@ -48,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..geometry import box_vector, mesh_vector, wrap_positions
+
 __all__ = ["FIELDS", "make_target", "write_target", "snapshot_files", "read_headers"]
 
 #: physical constants (cgs)
@@ -347,13 +349,13 @@ def make_target(
 
         comm = MPI.COMM_SELF
     ptype, datasets, map_units = FIELDS[field]
-    nmesh = np.broadcast_to(np.asarray(Nmesh, dtype=int), (3,)).copy()
+    nmesh = mesh_vector(Nmesh, "make_target: Nmesh")
 
     files = _root_call(comm, snapshot_files, paths)
     heads = _root_call(comm, read_headers, files)
     h0 = heads[0]
     length, in_units = _length_factor(h0, units)
-    box = np.broadcast_to(np.asarray(h0["BoxSize"], dtype=float), (3,)) * length
+    box = box_vector(h0["BoxSize"], f"snapshot {files[0]}: Header/BoxSize") * length
     hubble = float(h0["HubbleParam"])
     redshift = float(h0["Redshift"])
     unit_mass = float(h0.get("UnitMass_in_g", GADGET_UNITS["UnitMass_in_g"]))
@@ -368,7 +370,8 @@ def make_target(
     raw_pos = cols["Coordinates"] * length
     mass = cols["Masses"] if "Masses" in cols else np.full(len(raw_pos), mass_table)
     _check_rows(raw_pos, mass, cols, box, files, ptype, comm)
-    pos = np.mod(raw_pos, box)
+    # wrapped in float64, as before; a coordinate that rounds to the box length becomes 0
+    pos = wrap_positions(np.asarray(raw_pos, dtype=np.float64), box, f"snapshot {files[0]}")
 
     if field in ("dm", "gas", "stellar"):
         weights = [mass]
