@@ -648,14 +648,14 @@ def _open_run(
         except _CheckpointUnreadable as err:
             if not overwrite:
                 raise ForeignOutputError(
-                    f"{err}: delete it to start afresh, or pass overwrite=True (jerald train "
-                    "--overwrite) to replace it"
+                    f"{err}: delete it to start afresh, or pass overwrite=True (--overwrite on "
+                    "the command line) to replace it"
                 ) from None
     elif metrics.exists() and not overwrite:
         raise ForeignOutputError(
             f"{metrics} exists but {workdir} holds no checkpoint: it is not a jerald-nbk training "
             "directory (or one of an older version). Choose another output directory, delete it, "
-            "or pass overwrite=True (jerald train --overwrite)"
+            "or pass overwrite=True (--overwrite on the command line)"
         )
     if state is None or not resume:
         return None
