@@ -13,6 +13,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from .geometry import BOX_RTOL, box_vector, mesh_vector
 from .io.paramfiles import load_params, save_params
 from .model.params import initial_amplitude
 from .model.pipeline import Pipeline, Stage, StageConfig
@@ -36,7 +37,8 @@ def engine(Nmesh, BoxSize, dtype="f4", backend="auto", comm=None) -> ParticleMes
         backend = "pmesh" if comm.size > 1 else "jax"
     if backend == "jax" and comm.size > 1:
         raise ValueError(
-            f"the JAX engine runs on one process; this run has {comm.size} ranks: use --backend pmesh"
+            f"the JAX engine runs on one process; this run has {comm.size} ranks: use "
+            "backend='pmesh' (--backend pmesh on the command line)"
         )
     return make_pm(
         Nmesh, BoxSize, dtype=dtype, backend=backend, comm=comm if backend == "pmesh" else None
@@ -59,18 +61,25 @@ def read_particles(path, pm: ParticleMesh, dataset="1"):
 
 
 def read_map(path, pm: ParticleMesh, scale: float = 1.0):
-    """A whole-mesh map file as this rank's local mesh (divided by ``scale``), and its attrs."""
-    from .io import read_mesh
+    """This rank's part of a map file on the engine's mesh (divided by ``scale``), and its attrs.
 
-    arr, attrs = read_mesh(path, comm=pm.comm)
-    if tuple(arr.shape) != pm.Nmesh:
-        raise ValueError(f"map {path}: Nmesh {tuple(arr.shape)} != the model's Nmesh {pm.Nmesh}")
+    The header is read and checked first (Nmesh and BoxSize equal to the engine's); then each
+    rank reads only the planes of its own slab (:func:`jerald_nbk.io.read_mesh_slab`), so that no
+    rank holds the whole mesh. An error on any rank is raised on every rank.
+    """
+    from .io import read_mesh_slab
+
+    _, attrs = read_mesh_slab(path, (slice(0, 0),), comm=pm.comm)  # the header only
+    nmesh = tuple(int(n) for n in np.atleast_1d(attrs["Nmesh"]))
+    if nmesh != tuple(pm.Nmesh):
+        raise ValueError(f"map {path}: Nmesh {nmesh} != the model's Nmesh {tuple(pm.Nmesh)}")
     check_same_box(
         {"BoxSize": pm.BoxSize}, "the model", {"BoxSize": attrs["BoxSize"]}, f"map {path}"
     )
+    slices = pm.local_slices("real") if hasattr(pm, "local_slices") else None
+    arr, attrs = read_mesh_slab(path, slices, comm=pm.comm)
     arr = np.asarray(arr, dtype=pm.dtype) / scale
-    local = pm.to_local(arr) if hasattr(pm, "to_local") else jnp.asarray(arr)
-    return local, attrs
+    return jnp.asarray(arr), attrs
 
 
 def to_global(pm: ParticleMesh, local) -> np.ndarray:
@@ -79,10 +88,10 @@ def to_global(pm: ParticleMesh, local) -> np.ndarray:
 
 
 def box_of(attrs: dict, path) -> np.ndarray:
-    """BoxSize from a file's attrs, or a clear error."""
+    """BoxSize from a file's attrs (:func:`jerald_nbk.geometry.box_vector`), or a clear error."""
     if "BoxSize" not in attrs:
         raise ValueError(f"{path}: no BoxSize attribute; pass --box-size")
-    return np.broadcast_to(np.asarray(attrs["BoxSize"], dtype=float), (3,))
+    return box_vector(attrs["BoxSize"], f"{path}: attribute 'BoxSize'")
 
 
 def load_stage(path, pm: ParticleMesh, expect: str | None = None) -> tuple[Stage, np.ndarray]:
@@ -90,10 +99,11 @@ def load_stage(path, pm: ParticleMesh, expect: str | None = None) -> tuple[Stage
     config, raw, prov = load_params(path)
     if expect is not None and config.target != expect:
         raise ValueError(f"parameter file {path}: target {config.target!r}, expected {expect!r}")
-    for key, have in (("BoxSize", pm.BoxSize), ("Nmesh", pm.Nmesh)):
+    where = f"parameter file {path}: provenance"
+    for key, have, read in (("BoxSize", pm.BoxSize, box_vector), ("Nmesh", pm.Nmesh, mesh_vector)):
         if key in prov:
-            want = np.broadcast_to(np.asarray(prov[key], dtype=float), (3,))
-            if not np.allclose(want, np.asarray(have, dtype=float), rtol=1e-6):
+            want = read(prov[key], f"{where} {key}")
+            if not np.allclose(want, np.asarray(have, dtype=float), rtol=BOX_RTOL):
                 raise ValueError(
                     f"parameter file {path}: trained with {key} {want.tolist()}, used with {np.asarray(have).tolist()}"
                 )

@@ -523,6 +523,44 @@ def test_mpi_read_mesh_slab_pmesh_engine(tmp_path):
         read_mesh_slab(missing, pm.local_slices("real"), comm=comm)
 
 
+@pytest.mark.mpi(min_size=2)
+def test_mpi_workflow_read_map_reads_only_its_slab(tmp_path, monkeypatch):
+    """``workflow.read_map`` on the pmesh engine gives the old whole-mesh path's local part (read
+    everything, divide, ``to_local``), but each rank reads only the rows of its own planes (issue
+    13 item 3: before, every rank received the whole mesh)."""
+    from mpi4py import MPI
+
+    from jerald_nbk import workflow as wf
+    from jerald_nbk.io import _bigfile
+    from jerald_nbk.pm import PmeshEngine
+
+    comm = MPI.COMM_WORLD
+    root = _shared_dir(comm, tmp_path)
+    arr = random_mesh((8, 6, 4), np.float32, seed=21)
+    pm = PmeshEngine((8, 6, 4), 5.0, dtype="f4", comm=comm)
+    path = os.path.join(root, "target")
+    write_mesh(path, arr, 5.0, comm=comm)
+    asked = []
+    real = _bigfile.read_rows
+
+    def spy(block, start, stop, *a):
+        asked.append((start, stop))
+        return real(block, start, stop, *a)
+
+    monkeypatch.setattr(_bigfile, "read_rows", spy)
+    local, attrs = wf.read_map(path, pm, scale=2.5)
+    monkeypatch.undo()
+    asked = [(a, b) for a, b in asked if b > a]  # the header read asks for no row
+    old = pm.to_local(np.asarray(read_mesh(path)[0], dtype="f4") / 2.5)
+    np.testing.assert_array_equal(np.asarray(local), np.asarray(old))
+    sl = pm.local_slices("real")[0]
+    rows = (sl.stop - sl.start) * 6 * 4
+    assert rows < arr.size  # a slab, not the whole mesh
+    assert sum(stop - start for start, stop in asked) == rows
+    assert all(sl.start * 24 <= a and b <= sl.stop * 24 for a, b in asked)
+    assert list(attrs["Nmesh"]) == [8, 6, 4]
+
+
 # ------------------------------------------- metadata carried from inputs to outputs (issue 12)
 
 

@@ -6,6 +6,9 @@ import warnings
 
 import numpy as np
 
+from ..geometry import BOX_RTOL, box_vector
+from ..model.params import TARGETS
+
 #: positions more than this many box lengths outside ``[0, BoxSize)`` are warned about
 WARN_BOX_LENGTHS = 1.0
 #: positions more than this many box lengths outside ``[0, BoxSize)`` are refused
@@ -43,7 +46,7 @@ def check_in_box(pos, box, where: str, comm=None, units: str = "Mpc/h") -> None:
         Some position lies more than :data:`REFUSE_BOX_LENGTHS` box lengths outside the box.
     """
     a = np.asarray(pos, dtype=np.float64).reshape(-1, 3)
-    L = np.broadcast_to(np.asarray(box, dtype=np.float64), (3,))
+    L = box_vector(box, where)
     if a.size:
         ok = np.isfinite(a).all(axis=1)
         a = a[ok]
@@ -119,13 +122,20 @@ def check_target(target, pm, kind: str, where: str = "target") -> None:
 
 
 def check_same_box(
-    a_attrs: dict, a_name: str, b_attrs: dict, b_name: str, rtol: float = 1e-6
+    a_attrs: dict, a_name: str, b_attrs: dict, b_name: str, rtol: float = BOX_RTOL
 ) -> None:
-    """BoxSize (and Nmesh where both have it) of two inputs must agree."""
+    """BoxSize (and Nmesh where both have it) of two inputs must agree (within ``rtol``).
+
+    Each BoxSize is read by :func:`jerald_nbk.geometry.box_vector` (an error naming the input
+    when it is not one or three positive numbers).
+    """
     for key in ("BoxSize", "Nmesh"):
         if key in a_attrs and key in b_attrs:
-            va = np.broadcast_to(np.asarray(a_attrs[key], dtype=float), (3,))
-            vb = np.broadcast_to(np.asarray(b_attrs[key], dtype=float), (3,))
+            if key == "BoxSize":
+                va, vb = box_vector(a_attrs[key], a_name), box_vector(b_attrs[key], b_name)
+            else:
+                va = np.broadcast_to(np.asarray(a_attrs[key], dtype=float), (3,))
+                vb = np.broadcast_to(np.asarray(b_attrs[key], dtype=float), (3,))
             if not np.allclose(va, vb, rtol=rtol):
                 raise ValueError(f"{b_name} {key} {_fmt(vb)} != {a_name} {key} {_fmt(va)}")
 
@@ -165,7 +175,10 @@ def check_param_doc(doc, path) -> None:
     if not isinstance(cfg, dict):
         raise ValueError(f"{where}: field 'config': expected an object, found {_json_type(cfg)}")
     checks = {
-        "target": (lambda v: v in ("dm", "stellar", "hi"), "one of 'dm', 'stellar', 'hi'"),
+        "target": (
+            lambda v: isinstance(v, str) and v in TARGETS,
+            "one of " + ", ".join(repr(t) for t in TARGETS),
+        ),
         "n_layers": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
         "gradient_order": (
             lambda v: v in (4, 6, "exact") and not isinstance(v, bool),
