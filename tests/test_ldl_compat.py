@@ -336,6 +336,24 @@ def test_tng_fields_are_painted_as_ldl_paints_them(sims, field):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6 * np.abs(want).max())
 
 
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("field", ["dm", "Mstar", "nT"])
+def test_mpi_tng_map_is_painted_per_slab(sims, field):
+    """Under MPI each rank paints its share of the snapshot onto its own slab (rank 0 painted the
+    whole map and broadcast it before): the slabs are the one-rank map's, to float32 rounding."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    files = ldl.tng_snapshot(sims["dir"] / ("TNGDark" if field == "dm" else "TNG"), SNAP)
+    one = np.asarray(ldl.tng_map(files, field, engine((N,) * 3, BOX, "f4", "jax", MPI.COMM_SELF)))
+    pm = engine((N,) * 3, BOX, "f4", "pmesh", comm)
+    local = np.asarray(ldl.tng_map(files, field, pm))
+    assert local.shape == tuple(pm.local_real_shape) and local.shape[0] < N  # a slab only
+    np.testing.assert_allclose(
+        local, one[pm.local_slices("real")], rtol=1e-6, atol=1e-6 * np.abs(one).max()
+    )
+
+
 def test_temperature_is_electron_density_weighted(sims):
     """tSZ's T = nT / ne (LDL), not the mass-weighted T of ``jerald make-target T``."""
     g = sims["hydro"][0]

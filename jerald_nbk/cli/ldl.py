@@ -284,7 +284,7 @@ def tng_map(files, field: str, pm, X: float = 0.76):
     """
     import jax.numpy as jnp
 
-    from ..io.snapshots import GADGET_UNITS, MPC_CM, PROTON_MASS_G, _paint, temperature
+    from ..io.snapshots import GADGET_UNITS, MPC_CM, PROTON_MASS_G, paint_slab, temperature
     from ..train.validate import check_target
 
     cache = files[0].parent / f"{field}map_Nmesh{pm.Nmesh[0]}"
@@ -308,18 +308,23 @@ def tng_map(files, field: str, pm, X: float = 0.76):
                 h0.get("UnitVelocity_in_cm_per_s", GADGET_UNITS["UnitVelocity_in_cm_per_s"])
             )
             weight = weight * temperature(cols["InternalEnergy"], frac, X, unit_vel)
-    full = _paint(pos, weight, nmesh, pm.BoxSize, comm)
+    # each rank paints its share of the particles onto its own slab (no rank holds the map)
+    slab, where = paint_slab(pos, weight, nmesh, pm.BoxSize, comm)
+    mine = pm.local_slices("real") if hasattr(pm, "local_slices") else None
+    bounds = [[(int(s.start or 0), int(s.stop)) for s in sl] for sl in (where, mine or where)]
+    if bounds[0] != bounds[1]:
+        raise RuntimeError(
+            f"the painted slab {bounds[0]} is not the engine's local mesh {bounds[1]}"
+        )
     npart = comm.allreduce(len(pos))
-    if comm.rank == 0:
-        if field == "dm":
-            full = full * (nmesh.prod() / max(npart, 1))
-        elif field != "Mstar":
-            hubble, z = float(h0["HubbleParam"]), float(h0["Redshift"])
-            unit_mass = float(h0.get("UnitMass_in_g", GADGET_UNITS["UnitMass_in_g"]))
-            cell_cm = pm.BoxSize / nmesh * MPC_CM / hubble / (1.0 + z)
-            full = full * (unit_mass / hubble) / PROTON_MASS_G / np.prod(cell_cm)
-    full = comm.bcast(None if full is None else np.asarray(full, dtype=pm.dtype), root=0)
-    local = pm.to_local(full) if hasattr(pm, "to_local") else jnp.asarray(full)
+    if field == "dm":
+        slab = slab * (nmesh.prod() / max(npart, 1))
+    elif field != "Mstar":
+        hubble, z = float(h0["HubbleParam"]), float(h0["Redshift"])
+        unit_mass = float(h0.get("UnitMass_in_g", GADGET_UNITS["UnitMass_in_g"]))
+        cell_cm = pm.BoxSize / nmesh * MPC_CM / hubble / (1.0 + z)
+        slab = slab * (unit_mass / hubble) / PROTON_MASS_G / np.prod(cell_cm)
+    local = jnp.asarray(np.asarray(slab, dtype=pm.dtype))
     check_target(local, pm, field, f"{field} painted from snapshot {files[0]}")
     return local
 

@@ -538,6 +538,44 @@ def _paint(pos, weight, nmesh, box, comm) -> np.ndarray | None:
     return full
 
 
+def paint_slab(pos, weight, nmesh, box, comm) -> tuple[np.ndarray, tuple]:
+    """CIC-paint this rank's particles with pmesh (float64) onto x slabs; no rank holds the mesh.
+
+    The mesh is cut as the pmesh engine cuts it (one x slab per rank, ``np=[size, 1]``), so the
+    slab is the engine's local mesh (:meth:`jerald_nbk.pm.PmeshEngine.local_slices`).
+
+    Parameters
+    ----------
+    pos : (N, 3) array
+        This rank's positions (Mpc/h).
+    weight : (N,) array
+        Their weights.
+    nmesh : 3 ints
+    box : 3 floats
+    comm : MPI communicator
+
+    Returns
+    -------
+    slab : numpy.ndarray (float64)
+        This rank's part of the painted mesh.
+    slices : tuple of 3 slices
+        Where it lies in the whole mesh.
+    """
+    import pmesh.pm
+
+    pm = pmesh.pm.ParticleMesh(
+        Nmesh=list(nmesh), BoxSize=box, dtype="f8", comm=comm, np=[comm.size, 1]
+    )
+    pos = np.ascontiguousarray(pos, dtype=np.float64)
+    weight = np.ascontiguousarray(weight, dtype=np.float64)
+    if comm.size > 1:
+        layout = pm.decompose(pos, smoothing=1.0)
+        real = pm.paint(pos, mass=weight, layout=layout, resampler="cic")
+    else:
+        real = pm.paint(pos, mass=weight, resampler="cic")
+    return np.asarray(real.value), tuple(real.slices)
+
+
 def write_target(
     out,
     paths,
