@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..geometry import BOX_RTOL, box_vector
+from ..geometry import BOX_RTOL, box_vector, mesh_vector
 from ..utils import ForeignOutputError, atomic_dir, atomic_write
 from . import _bigfile
 
@@ -319,7 +319,7 @@ def _read(path, dataset, BoxSize, Nmesh, planes):
                 f"{where}: BoxSize {attrs['BoxSize'].tolist()} != expected {want.tolist()}"
             )
     if Nmesh is not None:
-        want = np.broadcast_to(np.asarray(Nmesh, dtype=np.int64), (arr.ndim,))
+        want = mesh_vector(Nmesh, "expected Nmesh", ndim=arr.ndim)
         if not np.array_equal(attrs["Nmesh"], want):
             found = attrs["Nmesh"].tolist()
             raise ValueError(f"{where}: Nmesh {found} != expected {want.tolist()}")
