@@ -478,6 +478,14 @@ def test_read_mesh_slab_is_the_slice(tmp_path, name):
         read_mesh_slab(tmp_path / name, (slice(0, 6, 2),))
     with pytest.raises(ValueError, match="BoxSize"):
         read_mesh_slab(tmp_path / name, (slice(0, 2),), BoxSize=9.0)
+    # no plane: the header only (a rank without planes, mesh_of); a .npy refused it as "a mesh
+    # must have at least one cell per axis"
+    part, attrs = read_mesh_slab(tmp_path / name, (slice(0, 0),))
+    assert part.shape == (0, 5, 4) and attrs["Nmesh"].tolist() == [6, 5, 4]
+    from jerald_nbk.cli.common import mesh_of
+
+    nmesh, box = mesh_of(tmp_path / name)
+    assert nmesh == (6, 5, 4) and box.tolist() == [10.0] * 3
 
 
 def test_read_mesh_slab_reads_only_its_rows(tmp_path, monkeypatch):

@@ -419,9 +419,13 @@ def _read_npy(path: Path, BoxSize, planes=None):
     if planes is not None:
         if arr.ndim not in (2, 3):  # checked here so that the slice below is valid
             _check_array(arr, where)
+        _check_array(arr[:1], where)  # dtype and shape from one plane: the mesh is not loaded
         x0, x1 = _check_planes(planes, shape[0], where)
-        arr = np.array(arr[x0:x1])
-    arr = _check_array(arr, where)
+        arr = np.array(arr[x0:x1])  # no plane (x0 == x1): the header's checks only
+        if arr.dtype not in (np.float32, np.float64):
+            arr = arr.astype(np.float64)
+    else:
+        arr = _check_array(arr, where)
     side = sidecar_path(path)
     if side.is_file():
         try:
