@@ -183,6 +183,44 @@ def test_train_paint_power_report(inputs, dm_run, tmp_path):
     assert (rep / "slices_jerald.png").exists() and (rep / "power.png").exists()
 
 
+def test_paint_keeps_each_catalogs_columns_and_attrs(inputs, dm_run, tmp_path):
+    """``jerald paint --save-particles`` over two catalogs: each improved catalog keeps its own
+    input's Velocity and ID columns and redshift / cosmology attrs (they were dropped, issue 12
+    item 6), and each map carries its catalog's redshift, cosmology and the scale factor."""
+    from jerald_nbk.io import read_catalog
+
+    pos = zeldovich_particles(N, BOX, seed=1)
+    rng = np.random.default_rng(3)
+    cats = {}
+    for name, z in (("a", 2.0), ("b", 1.0)):
+        cols = {
+            "Position": pos,
+            "Velocity": rng.normal(size=pos.shape).astype("f4"),
+            "ID": rng.permutation(len(pos)).astype("u8"),
+        }
+        cosmo = {"Omega_m": 0.3089, "h": 0.6774, "name": f"sim {name}"}
+        write_catalog(
+            tmp_path / name / "cat", cols, {"BoxSize": BOX, "redshift": z, "cosmology": cosmo}
+        )
+        cats[name] = (cols, z, cosmo)
+    out = tmp_path / "paint"
+    run(
+        "jerald", "paint", "--particles", tmp_path / "a" / "cat", tmp_path / "b" / "cat",
+        "--dm-params", dm_run / "params.json", "--save-particles", "--out", out, "--quiet",
+    )  # fmt: skip
+    for name, (cols, z, cosmo) in cats.items():
+        got, attrs = read_catalog(
+            out / f"{name}_cat" / "improved", columns=("Position", "Velocity", "ID")
+        )
+        np.testing.assert_array_equal(got["Velocity"], cols["Velocity"])
+        np.testing.assert_array_equal(got["ID"], cols["ID"])
+        assert not np.array_equal(got["Position"], cols["Position"])  # the improved positions
+        assert float(np.ravel(attrs["redshift"])[0]) == z and attrs["cosmology"] == cosmo
+        _, mattrs = read_mesh(out / f"{name}_cat" / "dm")
+        assert float(np.ravel(mattrs["redshift"])[0]) == z and mattrs["cosmology"] == cosmo
+        assert np.isclose(float(np.ravel(mattrs["Time"])[0]), 1 / (1 + z))
+
+
 def test_config_values_flags_and_resume(inputs, tmp_path):
     """Config values are used (even for required options), flags override, reruns resume."""
     cfg = tmp_path / "train.json"
@@ -217,6 +255,50 @@ def test_config_values_flags_and_resume(inputs, tmp_path):
     bad.write_text(json.dumps({"stepz": 3}))
     res = run("jerald", "train", "--config", bad, "--out", out, ok=False)
     assert res.returncode != 0 and "stepz" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "doc,expect",
+    [
+        ({"stepz": 3}, "unknown options ['stepz']"),
+        ({"steps": 2.7}, "option --steps: expected an integer, found 2.7"),
+        ({"steps": True}, "option --steps: expected an integer, found True"),
+        ({"eta0": "fast"}, "option --eta0: expected a number, found 'fast'"),
+        (
+            {"target": "gas"},
+            "option --target: expected one of ['dm', 'stellar', 'hi'], found 'gas'",
+        ),
+        ({"quiet": "yes"}, "option --quiet: expected true or false, found 'yes'"),
+        ({"layers": [1, 2]}, "option --layers: expected one value, found the list [1, 2]"),
+    ],
+)
+def test_config_unknown_key_or_wrong_type_names_the_file(tmp_path, doc, expect):
+    """The config loader (cli/common.parse_with_config) refuses an unknown key or a value of the
+    wrong type with one message naming the command, the file, the option and what it found
+    (a float step count was truncated, and unknown keys were ignored, by earlier versions)."""
+    from jerald_nbk.cli.main import parse
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(doc))
+    argv = ["train", "--config", str(cfg), "--target", "dm", "--particles", "c"]
+    with pytest.raises(SystemExit) as err:
+        parse([*argv, "--target-map", "m", "--out", "o"])
+    assert str(err.value.code).startswith(f"jerald train: config file {cfg}: ")
+    assert expect in str(err.value.code)
+
+
+def test_config_merge_defaults_config_then_flags(tmp_path):
+    """defaults | config | command line: a config value fills a required option and is typed
+    ("5" -> 5), a flag replaces it (a repeated option's list too), the rest keep defaults."""
+    from jerald_nbk.cli.main import parse
+
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text('target = "dm"\nparticles = ["a", "b"]\ntarget-map = ["m", "n"]\nsteps = "5"\n')
+    args = parse(["train", "--config", str(cfg), "--out", "o"])
+    assert (args.target, args.particles, args.target_map) == ("dm", ["a", "b"], ["m", "n"])
+    assert args.steps == 5 and args.eta0 == 0.002 and args.layers is None and not args.quiet
+    args = parse(["train", "--config", str(cfg), "--out", "o", "--particles", "c", "--steps", "7"])
+    assert args.particles == ["c"] and args.target_map == ["m", "n"] and args.steps == 7
 
 
 # ------------------------------------------------------------------------------------ bad inputs

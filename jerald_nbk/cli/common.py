@@ -471,3 +471,197 @@ def train_config(args, smoothing_n: float, split: str):
         checkpoint_every=args.checkpoint_every,
         progress=not args.quiet,
     )
+
+
+# ---------------------------------------------------------------------------- config files
+
+
+def config_file_arg(argv) -> str | None:
+    """The value of ``--config`` in ``argv`` (``--config X`` or ``--config=X``), if any."""
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def load_config(path, prog: str) -> dict:
+    """A JSON or TOML config file as a dict of option names (dashes turned into underscores).
+
+    Parameters
+    ----------
+    path : path-like
+        ``.toml`` is read as TOML, anything else as JSON.
+    prog : str
+        The command, for messages.
+
+    Raises
+    ------
+    SystemExit
+        Naming the file: missing, unparsable, or not a table of options.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{prog}: config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            cfg = tomllib.loads(text)
+        else:
+            import json
+
+            cfg = json.loads(text)
+    except Exception as err:  # noqa: BLE001 - any parse error becomes one clear message
+        raise SystemExit(f"{prog}: config file {path}: cannot parse ({err})") from None
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"{prog}: config file {path}: expected a table of options")
+    return {str(k).replace("-", "_"): v for k, v in cfg.items()}
+
+
+def parser_options(parser: argparse.ArgumentParser) -> dict:
+    """The options of a (sub)command's parser by their ``dest``, help excluded.
+
+    The one place that reads argparse's list of actions (argparse has no public accessor).
+    """
+    actions = parser._actions  # noqa: SLF001
+    return {a.dest: a for a in actions if a.dest != argparse.SUPPRESS and a.dest != "help"}
+
+
+def _is_append(action: argparse.Action) -> bool:
+    return isinstance(action, argparse._AppendAction)  # noqa: SLF001
+
+
+def typed_config(cfg: dict, options: dict, path, prog: str) -> dict:
+    """Config values checked against their options' types and choices, as a flag's would be.
+
+    An unknown key is an error naming it and the file. A string is converted by the option's
+    type (``"5"`` for ``--steps``); any other value must already have the type: ``steps: 2.7`` or
+    ``steps: "many"`` is an error naming the file, the option, what it expects and what it found.
+    Options given repeatedly (``--particles``) take a list (one value is a list of one).
+
+    Parameters
+    ----------
+    cfg : dict
+        :func:`load_config`'s result.
+    options : dict
+        :func:`parser_options` of the command's parser.
+    path : path-like
+        The config file, for messages.
+    prog : str
+        The command, for messages.
+
+    Returns
+    -------
+    dict
+        The values, typed, by ``dest``.
+
+    Raises
+    ------
+    SystemExit
+        With the message.
+    """
+    unknown = sorted(set(cfg) - set(options))
+    if unknown:
+        known = ", ".join(sorted(options))
+        raise SystemExit(
+            f"{prog}: config file {path}: unknown options {unknown} (the options of {prog} are "
+            f"{known})"
+        )
+    out = {}
+    for dest, v in cfg.items():
+        action = options[dest]
+        name = action.option_strings[0] if action.option_strings else dest
+        where = f"{prog}: config file {path}: option {name}"
+        if action.nargs == 0:  # a flag (store_true)
+            if not isinstance(v, bool):
+                raise SystemExit(f"{where}: expected true or false, found {v!r}")
+            out[dest] = v
+            continue
+        many = action.nargs in ("+", "*") or _is_append(action)
+        values = v if isinstance(v, list) and many else [v]
+        if isinstance(v, list) and not many:
+            raise SystemExit(f"{where}: expected one value, found the list {v!r}")
+        typed = [_typed_value(x, action, where) for x in values]
+        out[dest] = typed if many else typed[0]
+    return out
+
+
+def _typed_value(v, action: argparse.Action, where: str):
+    """One config value as its option's type, checked against its choices."""
+    kind = action.type
+    if kind is int:
+        if isinstance(v, str):
+            try:
+                v = int(v)
+            except ValueError:
+                raise SystemExit(f"{where}: expected an integer, found {v!r}") from None
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise SystemExit(f"{where}: expected an integer, found {v!r}")
+    elif kind is float:
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                raise SystemExit(f"{where}: expected a number, found {v!r}") from None
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise SystemExit(f"{where}: expected a number, found {v!r}")
+        v = float(v)
+    elif kind is None and v is not None and not isinstance(v, str):
+        raise SystemExit(f"{where}: expected a string, found {v!r}")
+    if action.choices is not None and v not in action.choices:
+        raise SystemExit(f"{where}: expected one of {list(action.choices)}, found {v!r}")
+    return v
+
+
+def parse_with_config(
+    parser: argparse.ArgumentParser,
+    argv,
+    prog: str,
+    command_parser: argparse.ArgumentParser | None = None,
+) -> tuple[argparse.Namespace, str | None]:
+    """Parse ``argv`` as the parser's defaults, then a ``--config`` file's values, then the flags.
+
+    A plain merge: ``defaults | config | command line``. The command line is parsed with every
+    option unset unless given, so that a flag replaces the config's value (a repeated option's
+    list too, rather than extending it); an option required on the command line may come from
+    the config file instead. The config is checked first (:func:`typed_config`).
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The parser that reads ``argv``.
+    argv : list of str
+    prog : str
+        The command, for messages (``"jerald train"``).
+    command_parser : argparse.ArgumentParser, optional
+        The sub-command's parser whose options the config sets (default: ``parser``).
+
+    Returns
+    -------
+    args : argparse.Namespace
+    config_path : str or None
+        The config file read, if any.
+    """
+    options = parser_options(command_parser or parser)
+    path = config_file_arg(argv)
+    cfg = typed_config(load_config(path, prog), options, path, prog) if path else {}
+    defaults = {}
+    for dest, action in options.items():
+        d = action.default
+        if isinstance(d, str) and callable(action.type):
+            d = action.type(d)  # as argparse converts a string default
+        defaults[dest] = d
+    saved = {dest: (a.default, a.required) for dest, a in options.items()}
+    try:
+        for dest, action in options.items():
+            action.default = argparse.SUPPRESS  # absent from the result unless given
+            if dest in cfg:
+                action.required = False
+        given = vars(parser.parse_args(argv))
+    finally:
+        for dest, action in options.items():
+            action.default, action.required = saved[dest]
+    return argparse.Namespace(**(defaults | cfg | given)), path

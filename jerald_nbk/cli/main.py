@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..model.params import TARGETS
+
 EPILOG = "Run `jerald <command> --help` for a command's options. Docs: README.md."
 
 
@@ -102,6 +104,12 @@ def _add_training(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``jerald`` parser (its sub-commands' parsers: :func:`_parsers`)."""
+    return _parsers()[0]
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, dict]:
+    """The ``jerald`` parser and its sub-commands' parsers by name."""
     ap = argparse.ArgumentParser(
         prog="jerald",
         description="JERALD for nbodykit: learned displacement layers that turn FastPM particles into hydro-like DM, stellar-mass and HI maps.",
@@ -148,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the dm, stellar or hi stage on a particle catalog and a target map. Stellar and HI start from the DM-improved particles (--dm-params); HI also needs the trained stellar stage (--stellar-params). Several simulations: repeat --particles and --target-map (the first catalog goes with the first map, and so on); the loss is summed over the pairs.",
     )
     _add_common(p)
-    p.add_argument("--target", required=True, choices=["dm", "stellar", "hi"])
+    p.add_argument("--target", required=True, choices=TARGETS)
     p.add_argument(
         "--particles",
         required=True,
@@ -301,123 +309,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, engines, or a file's contents")
     p.add_argument("path", nargs="?", help="a parameter file, mesh or catalog")
     p.add_argument("--config")
-    return ap
-
-
-def _load_config(path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"jerald: config file {path} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            cfg = tomllib.loads(text)
-        else:
-            cfg = json.loads(text)
-    except Exception as err:  # noqa: BLE001 - any parse error becomes one clear message
-        raise SystemExit(f"jerald: config file {path}: cannot parse ({err})") from None
-    if not isinstance(cfg, dict):
-        raise SystemExit(f"jerald: config file {path}: expected a table of options")
-    return {k.replace("-", "_"): v for k, v in cfg.items()}
-
-
-def _config_arg(argv) -> str | None:
-    """The value of ``--config`` in ``argv`` (``--config X`` or ``--config=X``), if any."""
-    for i, a in enumerate(argv):
-        if a == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-    return None
+    return ap, dict(sub.choices)
 
 
 def parse(argv=None) -> argparse.Namespace:
-    """Parse arguments, applying ``--config`` file values as defaults of the chosen command.
+    """Parse arguments: the command's defaults, then ``--config`` file values, then the flags.
 
-    Config values count as given: an option that is required on the command line (``--particles``,
-    ``--out``, ...) may come from the config file instead; flags override config values.
+    The merge is :func:`jerald_nbk.cli.common.parse_with_config` (config values count as given:
+    an option that is required on the command line (``--particles``, ``--out``, ...) may come from
+    the config file instead; flags override config values; a repeated flag replaces a config
+    list). Unknown config keys and values of the wrong type are errors naming the file.
     """
-    ap = build_parser()
+    from .common import parse_with_config
+
+    ap, commands = _parsers()
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg_path = _config_arg(argv)
-    choices = ap._subparsers._group_actions[0].choices  # noqa: SLF001
-    command = next((a for a in argv if a in choices), None)
-    if cfg_path and command is not None:
-        cfg = _load_config(cfg_path)
-        sub = choices[command]
-        known = {a.dest for a in sub._actions}  # noqa: SLF001
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise SystemExit(f"jerald {command}: config file {cfg_path}: unknown options {unknown}")
-        cfg = _typed_config(cfg, sub, cfg_path, command)
-        for action in sub._actions:  # noqa: SLF001
-            if action.dest in cfg:
-                action.required = False
-            if isinstance(action, argparse._AppendAction) and action.dest in cfg:  # noqa: SLF001
-                flags = action.option_strings
-                if any(a in flags or a.split("=", 1)[0] in flags for a in argv):
-                    del cfg[action.dest]  # given on the command line: replaces the config's list
-                elif not isinstance(cfg[action.dest], list):
-                    cfg[action.dest] = [cfg[action.dest]]
-        sub.set_defaults(**cfg)
-    args = ap.parse_args(argv)
-    if args.command:
-        _check_ranges(args, argv, cfg_path)
+    # the first word that is not an option is the command (the top level has only flags)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in commands:
+        return ap.parse_args(argv)  # --version, --help, or argparse's error for a bad command
+    args, cfg_path = parse_with_config(ap, argv, f"jerald {command}", commands[command])
+    _check_ranges(args, argv, cfg_path)
     return args
-
-
-def _typed_config(cfg: dict, sub: argparse.ArgumentParser, path, command: str) -> dict:
-    """Config values checked against their options' types and choices (as a flag would be).
-
-    A string is converted by the option's type (``"5"`` for ``--steps``); any other value must
-    already have the type: ``steps: 2.7`` or ``steps: "many"`` is an error naming the file, the
-    option, what it expects and what it found.
-    """
-    out = dict(cfg)
-    for action in sub._actions:  # noqa: SLF001
-        if action.dest not in cfg:
-            continue
-        v = cfg[action.dest]
-        where = f"jerald {command}: config file {path}: option {action.option_strings[0] if action.option_strings else action.dest}"
-        if isinstance(action, argparse._StoreTrueAction):  # noqa: SLF001
-            if not isinstance(v, bool):
-                raise SystemExit(f"{where}: expected true or false, found {v!r}")
-            continue
-        if action.nargs in ("+", "*"):
-            if isinstance(v, str):
-                v = [v]
-            if not isinstance(v, list):
-                raise SystemExit(f"{where}: expected a list, found {v!r}")
-            out[action.dest] = v
-            continue
-        kind = action.type
-        if kind is int:
-            if isinstance(v, str):
-                try:
-                    v = int(v)
-                except ValueError:
-                    raise SystemExit(f"{where}: expected an integer, found {v!r}") from None
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise SystemExit(f"{where}: expected an integer, found {v!r}")
-        elif kind is float:
-            if isinstance(v, str):
-                try:
-                    v = float(v)
-                except ValueError:
-                    raise SystemExit(f"{where}: expected a number, found {v!r}") from None
-            if isinstance(v, bool) or not isinstance(v, int | float):
-                raise SystemExit(f"{where}: expected a number, found {v!r}")
-            v = float(v)
-        elif action.choices is not None or kind is None:
-            appended = isinstance(action, argparse._AppendAction)  # noqa: SLF001
-            if not appended and not isinstance(v, str) and v is not None:
-                raise SystemExit(f"{where}: expected a string, found {v!r}")
-        if action.choices is not None and v not in action.choices:
-            raise SystemExit(f"{where}: expected one of {list(action.choices)}, found {v!r}")
-        out[action.dest] = v
-    return out
 
 
 #: options whose values must be positive (> 0) or non-negative (>= 0)
@@ -585,28 +498,18 @@ def _apply_paper_defaults(args, *attrs) -> str:
 
 
 def _train(args) -> int:
-    import numpy as np
-
     from .. import workflow as wf
-    from ..io import read_mesh
     from ..train.validate import check_particles, check_target
     from ..utils import root_only, run_lock
-    from .common import detect_dataset
+    from .common import detect_dataset, mesh_of
 
     if len(args.particles) != len(args.target_map):
         raise ValueError(
             f"{len(args.particles)} --particles but {len(args.target_map)} --target-map: give one "
             "target map per catalog, in the same order"
         )
-    tarr, mattrs = read_mesh(args.target_map[0])
-    if np.ndim(tarr) != 3:
-        raise ValueError(
-            f"map {args.target_map[0]}: expected a 3-D mesh (Nmesh of 3 axes), found shape "
-            f"{tuple(np.shape(tarr))}"
-        )
-    del tarr
-    nmesh = tuple(int(n) for n in mattrs["Nmesh"])
-    box = wf.box_of(mattrs, args.target_map[0])
+    # the first map's header gives the mesh (its values are read later, each rank its slab)
+    nmesh, box = mesh_of(args.target_map[0])
     pm = wf.engine(nmesh, box, args.dtype, args.backend)
     positions, targets, found_z = [], [], []
     # every pair is read and checked (same Nmesh and BoxSize as the first map) before training
@@ -803,12 +706,13 @@ def cmd_paint(args) -> int:
     import numpy as np
 
     from .. import workflow as wf
-    from ..io import read_catalog, write_catalog, write_mesh
+    from ..io import read_catalog, write_catalog
+    from ..io.meshes import inherited_attrs
     from ..io.paramfiles import load_params
     from ..model.pipeline import TRACES
     from ..train.validate import check_same_box
-    from ..utils import check_output, is_root, root_only
-    from .common import detect_dataset, positions_from_columns
+    from ..utils import check_output, is_root
+    from .common import detect_dataset, positions_from_columns, write_map
 
     files = [f for f in (args.dm_params, args.stellar_params, args.hi_params) if f]
     if not files:
@@ -836,7 +740,7 @@ def cmd_paint(args) -> int:
     names = catalog_names(catalogs) if many else [""]
     outdirs = [out / n if n else out for n in names]
     pipe = wf.pipeline_from_files(pm, args.dm_params, args.stellar_params, args.hi_params)
-    kinds = [k for k in ("dm", "stellar", "hi") if getattr(pipe, k) is not None]
+    kinds = [k for k in TARGETS if getattr(pipe, k) is not None]
     kinds += ["improved"] if args.save_particles else []
     # every output is checked before any is written: a refusal leaves nothing partial behind
     for d in outdirs:
@@ -848,7 +752,7 @@ def cmd_paint(args) -> int:
     # grouped by particle count (stable): one compilation per count
     order = sorted(range(len(catalogs)), key=lambda i: (sizes[i] is None, sizes[i] or 0))
     fn = pipe.maps_function(improved=args.save_particles)
-    raws = {k: np.asarray(getattr(pipe, k)[1]) for k in ("dm", "stellar", "hi") if getattr(pipe, k)}
+    raws = {k: np.asarray(getattr(pipe, k)[1]) for k in TARGETS if getattr(pipe, k)}
     base = {
         "dm_params": args.dm_params,
         "stellar_params": args.stellar_params,
@@ -879,36 +783,32 @@ def cmd_paint(args) -> int:
                 file=sys.stderr,
             )
         last_n = len(pos)
-        attrs = base | {"particles": str(path)}
-        # what nbodykit users look for, when the catalog or the parameter file records it
-        for key in ("redshift", "Time", "cosmology", "Om0"):
-            if key in cattrs:
-                attrs[key] = cattrs[key]
-            elif key in prov and prov[key] is not None:
-                attrs[key] = prov[key]
-        for name in ("dm", "stellar", "hi"):
+        # what nbodykit users look for (redshift, Time, cosmology...): the catalog's, else the
+        # parameter file's
+        attrs = base | inherited_attrs(cattrs, prov) | {"particles": str(path)}
+        for name in TARGETS:
             if name not in res:
                 continue
-            full = wf.to_global(pm, res[name])
-            with root_only(pm.comm, f"writing {dest / name}") as is_r:
-                if is_r:
-                    units = MAP_UNITS.get(name, "map units of the target it was trained on")
-                    write_mesh(
-                        dest / name,
-                        full,
-                        pm.BoxSize,
-                        attrs | {"map": name, "units": units, "BoxSize_units": "Mpc/h"},
-                        overwrite=args.overwrite,
-                    )
-                    if bar is None:
-                        print(f"[jerald] {name} map: {dest / name}")
+            units = MAP_UNITS.get(name, "map units of the target it was trained on")
+            write_map(
+                pm,
+                res[name],
+                dest / name,
+                attrs | {"map": name, "units": units, "BoxSize_units": "Mpc/h"},
+                overwrite=args.overwrite,
+            )
+            if root and bar is None:
+                print(f"[jerald] {name} map: {dest / name}")
         if args.save_particles:
+            # the input's other columns (Velocity, ID...) and attrs (cosmology...) are kept
             write_catalog(
                 dest / "improved",
                 {"Position": np.asarray(res["improved"])},
                 attrs | {"BoxSize": pm.BoxSize},
                 comm=pm.comm,
                 overwrite=args.overwrite,
+                keep_from=path,
+                keep_dataset=datasets[i],
             )
             if root and bar is None:
                 print(f"[jerald] improved particles: {dest / 'improved'}")
