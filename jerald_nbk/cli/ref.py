@@ -294,6 +294,7 @@ def cmd_ref(args) -> int:
         save_plaintext,
         write_ref_optstate,
     )
+    from ..model.params import initial_amplitude
     from ..model.pipeline import Stage, StageConfig
     from ..train.schedule import paper_schedule
     from ..utils import root_only
@@ -411,7 +412,8 @@ def cmd_ref(args) -> int:
 
     w_init = 1.0
     if st != "dm" and target is not None:
-        w_init = max(float(pm.sum(target)) / pm.ncells, 1e-5)
+        # the shared rule (the target's mean per cell), kept within the reference's bound w >= 1e-5
+        w_init = max(initial_amplitude(float(pm.sum(target)), pm.ncells), 1e-5)
     stage = Stage(pm, config, w_init=w_init)
     cfg = train_config(args, n, "paper")
     prov = {
