@@ -35,8 +35,9 @@ def run_demo(
     from ..analysis.metrics import figures_of_merit
     from ..analysis.plots import plot_power_comparison, plot_slices
     from ..analysis.report import fom_table, write_report
-    from ..io import write_mesh
+    from ..model.params import TARGETS
     from ..suite.build import build_suite, ztag
+    from .common import mesh_of, write_map
 
     comm = comm or wf.default_comm()
     root = is_root(comm)
@@ -55,13 +56,11 @@ def run_demo(
     z = ztag(redshift)
     fastpm, truths = (
         paths[f"fastpm_z{z}"],
-        {t: paths[f"truth_{t}_z{z}"] for t in ("dm", "stellar", "hi")},
+        {t: paths[f"truth_{t}_z{z}"] for t in TARGETS},
     )
 
-    from ..io import read_mesh
-
-    _, mattrs = read_mesh(truths["dm"])
-    pm = wf.engine(tuple(int(n) for n in mattrs["Nmesh"]), mattrs["BoxSize"], dtype, comm=comm)
+    nmesh, box = mesh_of(truths["dm"])  # the header only
+    pm = wf.engine(nmesh, box, dtype, comm=comm)
     pos, _ = wf.read_particles(fastpm, pm)
     targets = {t: wf.read_map(p, pm)[0] for t, p in truths.items()}
 
@@ -73,17 +72,17 @@ def run_demo(
 
     say("3/4 painting maps")
     maps = trained.maps | {"fastpm_dm": pm.density(pos)}
+    for k, v in maps.items():
+        write_map(pm, v, out / "maps" / k, {"map": k, "redshift": redshift, "seed": seed})
     maps = {k: wf.to_global(pm, v) for k, v in maps.items()}
     truth_np = {k: wf.to_global(pm, v) for k, v in targets.items()}
     if not root:
         return None
-    for k, v in maps.items():
-        write_mesh(out / "maps" / k, v, pm.BoxSize, {"map": k, "redshift": redshift, "seed": seed})
 
     say("4/4 power spectra, figures of merit, plots, report")
     box = pm.BoxSize
     foms, sections, summary = {}, [], {}
-    for t in ("dm", "stellar", "hi"):
+    for t in TARGETS:
         res = {"JERALD": figures_of_merit(maps[t], truth_np[t], box)}
         if t == "dm":
             res["FastPM"] = figures_of_merit(maps["fastpm_dm"], truth_np[t], box)
