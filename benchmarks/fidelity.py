@@ -627,11 +627,29 @@ def _largest_k(manifest) -> float:
     return float(np.nanmax(power_spectrum(field, box).k))
 
 
+def merged_records(old: dict, doc: dict) -> dict:
+    """The redshift records of an earlier JSON that a new run keeps: those of the same suites.
+
+    Records are kept when size and seeds match; each keeps its own number of training steps
+    (``steps``, filled in from the old document's when a record predates the per-record field),
+    so a redshift re-run with fewer steps does not drop the others. Records of other suites are
+    dropped.
+    """
+    if any(old.get(k) != doc[k] for k in ("size", "seed", "unseen_seed")):
+        return {}
+    out = {}
+    for tag, res in old.get("redshifts", {}).items():
+        out[tag] = {**res, "steps": res.get("steps", old.get("steps"))}
+    return out
+
+
 def _provenance(doc: dict, json_path) -> dict:
+    steps = {tag: res.get("steps", doc["steps"]) for tag, res in doc.get("redshifts", {}).items()}
     return {
         "size": doc["size"],
         "seeds": f"{doc['seed']} (training), {doc['unseen_seed']} (unseen)",
-        "steps per stage": doc["steps"],
+        "steps per stage": ", ".join(f"{n} at z = {tag}" for tag, n in steps.items())
+        or doc["steps"],
         "json": str(json_path),
     }
 
@@ -722,10 +740,8 @@ def main(argv=None) -> int:
         "steps": args.steps,
         "redshifts": {},
     }
-    if Path(args.json).exists():  # keep the other redshifts of the same configuration
-        old = json.loads(Path(args.json).read_text())
-        if all(old.get(k) == doc[k] for k in ("size", "seed", "unseen_seed", "steps")):
-            doc["redshifts"] = old.get("redshifts", {})
+    if Path(args.json).exists():
+        doc["redshifts"] = merged_records(json.loads(Path(args.json).read_text()), doc)
     for z in zs:
         tag = ztag(z)
         print(f"[fidelity] z = {z:g}: training DM -> stellar -> HI on seed {args.seed}", flush=True)
@@ -808,6 +824,7 @@ def main(argv=None) -> int:
             truth_a,
         )
         res["seconds_training"] = t_train
+        res["steps"] = args.steps
         res["goals"] = goals(z, res["train_seed"], res["unseen_seed"], res["k_max"])
         res["figures"] = [[cap, str(p)] for cap, p in figs]
         doc["redshifts"][tag] = res

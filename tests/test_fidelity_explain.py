@@ -216,3 +216,26 @@ def test_threshold_check_trained_equal_to_target(pm16):
     assert out["trained"]["l1_smoothed"] == pytest.approx(0.0, abs=1e-9)
     assert out["truth_occupancy"]["nonempty"] == pytest.approx(np.mean(ref > 0), abs=1 / ref.size)
     assert out["smoothing_n"] == 1.0
+
+
+def test_merged_records_keep_other_redshifts_with_their_own_steps():
+    """A redshift re-run with fewer steps keeps the other redshifts' records, each stating its
+    steps; another suite's records are dropped.
+
+    Catches: the earlier merge, which required the same number of steps and so silently dropped
+    z = 0 and 2 when z = 5 was run with 100 steps instead of 300.
+    """
+    old = {
+        "size": "bench",
+        "seed": 42,
+        "unseen_seed": 1042,
+        "steps": 300,
+        "redshifts": {"2": {"k_max": 5.0}, "0": {"k_max": 5.0, "steps": 300}},
+    }
+    new = {"size": "bench", "seed": 42, "unseen_seed": 1042, "steps": 100, "redshifts": {}}
+    kept = fid.merged_records(old, new)
+    assert set(kept) == {"2", "0"}
+    assert kept["2"]["steps"] == 300 and kept["0"]["steps"] == 300
+    assert fid.merged_records(old, new | {"seed": 7}) == {}
+    prov = fid._provenance(new | {"redshifts": kept | {"5": {"steps": 100}}}, "x.json")
+    assert prov["steps per stage"] == "300 at z = 2, 300 at z = 0, 100 at z = 5"
