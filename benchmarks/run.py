@@ -15,6 +15,12 @@ Peak memory per particle is measured in a fresh process per case (``benchmarks.m
 Usage::
 
     python -m benchmarks.run [--sizes 64,128,256] [--reps 5] [--quick] [--out PATH]
+    python -m benchmarks.run --speed 128      # layer and 1-layer DM step, where the time goes
+    python -m benchmarks.run --marginal 128,192 [--remat off]   # bytes per particle
+
+The layer and training-step records carry a ``breakdown`` (:func:`breakdown`): the compiled
+program's FFTs and C++ CIC kernel calls, each charged its unit time measured alone, and the rest
+(elementwise work, copies, dispatch), all in FFT-equivalents, printed as the benchmark runs.
 """
 
 from __future__ import annotations
@@ -134,6 +140,11 @@ def pm_core_records(n: int, reps: int, box: float = 100.0) -> list[dict]:
 
         step = jax.jit(fwd_vjp)
         t_l = median_time(lambda step=step, params=params: _block(step(params, pos)), reps)
+        extra = {}
+        if kernel == "cpp":
+            text = step.lower(params, pos).compile().as_text()
+            extra["breakdown"] = breakdown(text, unit_times(pm, pos, reps), t_l, t_fft)
+            _print_breakdown(f"layer forward + VJP at {n}^3", extra["breakdown"])
         # pmesh's own operations for the same layer forward + VJP (params and positions):
         # forward 1 paint, 1 r2c, 3 c2r, 3 readouts; backward 3 paints (readout adjoint), 9
         # gradient readouts (readout w.r.t. positions, 3 channels x 3 axes), 3 r2c (c2r adjoint),
@@ -149,6 +160,7 @@ def pm_core_records(n: int, reps: int, box: float = 100.0) -> list[dict]:
                 "vs_pmesh": t_ref / t_l,
                 "vs_pmesh_note": "sum of pmesh's paint/readout/FFT timings for the same operations",
             }
+            | extra
         )
     out.append(
         base | {"name": "rfftn", "backend": "jax", "seconds_median": t_fft, "fft_equivalents": 1.0}
@@ -163,6 +175,100 @@ def pm_core_records(n: int, reps: int, box: float = 100.0) -> list[dict]:
         }
     )
     return out
+
+
+def unit_times(pm, pos, reps: int) -> dict:
+    """Seconds of each kind of operation a layer is made of, on ``pm``'s mesh and these particles.
+
+    Keys: ``("fft", "RFFT")``, ``("fft", "IRFFT")`` and ``(kernel, channels)`` for the C++ CIC
+    kernels (``jerald_cic_paint``, ``jerald_cic_readout``, ``jerald_cic_readout_vjp_pos``) with
+    1 and 3 channels, each a median of ``reps`` jitted calls.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jerald_nbk.pm import jax_backend as jb
+
+    n = pm.Nmesh
+    mesh = jnp.asarray(np.random.default_rng(1).random(n).astype(np.float32))
+    cmesh = jnp.fft.rfftn(mesh)
+    cfg = pm._cfg
+    out = {
+        ("fft", "RFFT"): (jax.jit(jnp.fft.rfftn), (mesh,)),
+        ("fft", "IRFFT"): (jax.jit(lambda c: jnp.fft.irfftn(c, s=n)), (cmesh,)),
+    }
+    for c in (1, 3):
+        m = jnp.stack([mesh] * c, axis=-1)
+        w = jnp.ones((pos.shape[0], c), jnp.float32)
+        g = jnp.ones((pos.shape[0], c), jnp.float32)
+        out[("jerald_cic_paint", c)] = (jax.jit(lambda p, w: jb._paint_impl(p, w, cfg)), (pos, w))
+        out[("jerald_cic_readout", c)] = (
+            jax.jit(lambda m, p: jb._readout_impl(m, p, cfg)),
+            (m, pos),
+        )
+        out[("jerald_cic_readout_vjp_pos", c)] = (
+            jax.jit(lambda m, p, g: jb._readout_vjp_pos_impl(m, p, g, cfg)),
+            (m, pos, g),
+        )
+    return {k: median_time(lambda f=f, a=a: _block(f(*a)), reps) for k, (f, a) in out.items()}
+
+
+def hlo_op_counts(compiled_text: str) -> dict:
+    """FFTs and C++ CIC kernel calls in a compiled XLA program (``compiled.as_text()``).
+
+    Returns ``{("fft", "RFFT" | "IRFFT"): count, (kernel, channels): count}``; the channels of a
+    CIC call are read from its mesh operand (readouts) or weight operand (paints).
+    """
+    import re
+    from collections import Counter
+
+    counts: Counter = Counter()
+    for line in compiled_text.splitlines():
+        m = re.search(r"fft_type=(RFFT|IRFFT)", line)
+        if m and " fft(" in line:
+            counts[("fft", m.group(1))] += 1
+            continue
+        m = re.search(r'custom_call_target="(jerald_cic_\w+)"', line)
+        if not m:
+            continue
+        shapes = re.findall(
+            r"f(?:32|64)\[([\d,]+)\]", line.split("operand_layout_constraints=")[-1]
+        )
+        dims = [tuple(int(d) for d in sh.split(",")) for sh in shapes]
+        if m.group(1) == "jerald_cic_paint":
+            nch = dims[1][-1]  # (positions, weights)
+        else:
+            nch = dims[0][-1]  # (mesh, positions[, cotangents])
+        counts[(m.group(1), nch)] += 1
+    return dict(counts)
+
+
+def breakdown(compiled_text: str, units: dict, total: float, t_fft: float) -> dict:
+    """Where a compiled program's time goes, in FFT-equivalents (``t_fft``: one rfftn).
+
+    The program's FFTs and CIC kernel calls (:func:`hlo_op_counts`) are charged their unit times
+    (:func:`unit_times`, measured alone); what is left of the measured ``total`` is the
+    elementwise work (Fourier factors, losses), copies and dispatch.
+    """
+    counts = hlo_op_counts(compiled_text)
+    ffts = sum(c * units[k] for k, c in counts.items() if k[0] == "fft")
+    passes = sum(c * units[k] for k, c in counts.items() if k[0] != "fft" and k in units)
+    return {
+        "ffts": ffts / t_fft,
+        "particle_passes": passes / t_fft,
+        "elementwise_and_dispatch": (total - ffts - passes) / t_fft,
+        "total": total / t_fft,
+        "counts": {f"{k[0]}[{k[1]}]": c for k, c in sorted(counts.items(), key=str)},
+    }
+
+
+def _print_breakdown(label: str, b: dict) -> None:
+    print(
+        f"[bench] {label}: {b['total']:.1f} FFT-eq = FFTs {b['ffts']:.1f} + particle passes "
+        f"{b['particle_passes']:.1f} + elementwise/dispatch {b['elementwise_and_dispatch']:.1f}; "
+        + ", ".join(f"{k} x{c}" for k, c in b["counts"].items()),
+        flush=True,
+    )
 
 
 STAGES = {
@@ -201,7 +307,12 @@ def make_step(
     star = pm.density(pos) if target_kind == "hi" else None
     obj = Objective(stage, pos, target, TrainConfig(progress=False), star=star)
     raw = jnp.asarray(stage.table.init_raw(), jnp.float32)
-    return (lambda: _block(obj.value_and_grad(raw))), raw
+
+    def step():
+        return _block(obj.value_and_grad(raw))
+
+    step.objective = obj  # for the compiled program (:func:`breakdown`)
+    return step, raw
 
 
 def training_records(n: int, reps: int, backends: list[str], box: float = 100.0) -> list[dict]:
@@ -236,10 +347,17 @@ def training_records(n: int, reps: int, backends: list[str], box: float = 100.0)
         }
     ]
     engine_times: dict[str, float] = {}
+    units = unit_times(jpm, jnp.asarray(pos), reps) if jpm.kernel == "cpp" else None
     for backend in backends:
         for name in STAGES:
-            step, _ = make_step(name, n, backend, box)
+            step, raw = make_step(name, n, backend, box)
             t = median_time(step, reps if backend == "jax" else max(2, reps // 2))
+            extra = {}
+            if backend == "jax" and units is not None:
+                obj = step.objective
+                text = obj._value_and_grad.lower(raw, obj.data).compile().as_text()
+                extra["breakdown"] = breakdown(text, units, t, t_fft)
+                _print_breakdown(f"step_{name} at {n}^3", extra["breakdown"])
             if backend == "pmesh":
                 engine_times[name] = t
             rec = {
@@ -250,7 +368,7 @@ def training_records(n: int, reps: int, backends: list[str], box: float = 100.0)
                 "threads": num_threads() if backend == "jax" else 1,
                 "seconds_median": t,
                 "fft_equivalents": t / t_fft,
-            }
+            } | extra
             mem = peak_memory(name, n, backend)
             if mem is not None:
                 rec |= mem
@@ -499,6 +617,70 @@ def large_records(
     }
 
 
+#: goals of issue 14 in FFT-equivalents (one jitted rfftn of the same mesh) at 128^3
+SPEED_GOALS = {"layer_fwd_vjp": 25.0, "step_dm1": 30.0}
+
+
+def speed_records(n: int = 128, reps: int = 5, box: float = 100.0) -> dict:
+    """One DM layer's forward + VJP and the 1-layer DM step at ``n^3``, with their breakdowns.
+
+    The same measurements as :func:`pm_core_records` (layer, C++ kernels) and
+    :func:`training_records` (step) without the pmesh and baseline comparisons, against
+    :data:`SPEED_GOALS`; every figure is relative to one jitted rfftn measured in the same run.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jerald_nbk.model import layers
+    from jerald_nbk.pm import JaxEngine
+    from jerald_nbk.testing import zeldovich_particles
+
+    pm = JaxEngine(n, box)
+    pos = jnp.asarray(zeldovich_particles(n, box, seed=0, rms_disp=1.0))
+    mesh = jnp.asarray(np.random.default_rng(0).random((n, n, n)).astype(np.float32))
+    t_fft = median_time(lambda: _block(jax.jit(jnp.fft.rfftn)(mesh)), reps)
+    units = unit_times(pm, pos, reps)
+    params = jnp.array([0.02, 0.8, 0.5, 5.0, -0.5], jnp.float32)
+    ct = jnp.ones_like(pos)
+
+    def fwd_vjp(p, x):
+        y, vjp = jax.vjp(lambda p, x: layers.displacement_layer(pm, x, *p), p, x)
+        return y, vjp(ct)
+
+    layer = jax.jit(fwd_vjp)
+    t_layer = median_time(lambda: _block(layer(params, pos)), reps)
+    b_layer = breakdown(layer.lower(params, pos).compile().as_text(), units, t_layer, t_fft)
+    _print_breakdown(f"layer forward + VJP at {n}^3", b_layer)
+    step, raw = make_step("dm1", n, "jax", box, pos=pos)
+    t_step = median_time(step, reps)
+    obj = step.objective
+    text = obj._value_and_grad.lower(raw, obj.data).compile().as_text()
+    b_step = breakdown(text, units, t_step, t_fft)
+    _print_breakdown(f"step_dm1 at {n}^3", b_step)
+    records = []
+    for name, t, b in (("layer_fwd_vjp", t_layer, b_layer), ("step_dm1", t_step, b_step)):
+        goal = SPEED_GOALS[name] if n == 128 else None
+        records.append(
+            {
+                "name": name,
+                "seconds_median": t,
+                "fft_equivalents": t / t_fft,
+                "goal_fft_equivalents": goal,
+                "goal_met": None if goal is None else bool(t / t_fft <= goal),
+                "breakdown": b,
+            }
+        )
+    units_fft = {f"{k[0]}[{k[1]}]": v / t_fft for k, v in units.items()}
+    return {
+        "N": n,
+        "reps": reps,
+        "rfftn_seconds": t_fft,
+        "unit_fft_equivalents": units_fft,
+        "machine": machine_info(),
+        "records": records,
+    }
+
+
 #: goals of issue 14 for the marginal bytes per particle of a training step
 MEMORY_GOALS = {"dm1": 100.0, "dm2": 150.0, "stellar": 150.0, "stellar3": 150.0, "hi": 150.0}
 
@@ -608,7 +790,19 @@ def main(argv=None) -> int:
         help="only the marginal bytes per particle between two sizes (with and without remat), "
         "stored under large/marginal_N1_N2 of --out",
     )
+    ap.add_argument(
+        "--speed",
+        metavar="N",
+        type=int,
+        help="only one DM layer's forward + VJP and the 1-layer DM training step at N^3, in "
+        "FFT-equivalents with the breakdown of where the time goes, stored under speed/N of --out",
+    )
     args = ap.parse_args(argv)
+    if args.speed:
+        doc = speed_records(args.speed, args.reps)
+        merge_into(args.out, "speed", str(args.speed), doc)
+        print(f"[bench-speed] wrote speed/{args.speed} of {args.out}")
+        return 0
     if args.large:
         remat = {"on": True, "off": False, "default": None}[args.remat]
         doc = large_records(args.size, remat=remat)
@@ -617,7 +811,8 @@ def main(argv=None) -> int:
         return 0
     if args.marginal:
         sizes = tuple(int(s) for s in args.marginal.split(","))
-        recs = marginal_records(sizes)
+        remats = {"on": (True,), "off": (False,), "default": (False, True)}[args.remat]
+        recs = marginal_records(sizes, remats=remats)
         merge_into(args.out, "large", f"marginal_{sizes[0]}_{sizes[1]}", recs)
         print(f"[bench-marginal] wrote large/marginal_{sizes[0]}_{sizes[1]} of {args.out}")
         return 0
@@ -642,8 +837,9 @@ def main(argv=None) -> int:
     records.append(suite_build_record("smoke"))
     doc = {"machine": machine_info(), "records": records}
     old = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-    if "large" in old:  # the large runs are measured apart (make bench-large): kept
-        doc["large"] = old["large"]
+    for key in ("large", "speed"):  # measured apart (make bench-large, --speed): kept
+        if key in old:
+            doc[key] = old[key]
     with atomic_write(args.out) as fh:
         json.dump(doc, fh, indent=1)
     for r in records:
