@@ -116,7 +116,10 @@ class Stage:
     def _phys(self, raw):
         # the parameters are replicated over MPI ranks: their gradient is summed over the ranks
         raw = self.pm.replicated(raw)
-        return dict(zip(self.table.names, self.table.to_physical(raw), strict=True))
+        # in the engine's dtype: the float64 scales would otherwise make a float32 engine's
+        # meshes float64 under JAX's x64 mode (twice the memory, not what production runs)
+        phys = jnp.asarray(self.table.to_physical(raw), dtype=self.pm.dtype)
+        return dict(zip(self.table.names, phys, strict=True))
 
     def displace(self, pos, raw, density0=None):
         """Positions after this stage's displacement layers.

@@ -1,0 +1,42 @@
+"""Compiled temporaries of the single-process engine's training steps (issue 14, item 1).
+
+XLA's own memory analysis of the compiled step, per particle at 32^3 (N^3 particles on an N^3
+mesh), against bounds set a little above what the layers need since
+:func:`jerald_nbk.model.layers.fourier_source` recomputes its intermediates in the backward pass
+(measured: 1-layer DM 56.5, 2-layer DM 94, 2-layer HI 128 bytes per particle; before it: 80.5,
+141 and 196). A bound that fails means that a layer keeps meshes alive from the forward pass to
+the end of the backward one again: e.g. XLA scheduled the recomputation into the forward pass
+(the cotangent no longer ties it), or a change saves the displacement or the Green's function.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+
+from jerald_nbk.model.pipeline import Stage, StageConfig
+from jerald_nbk.pm import JaxEngine
+from jerald_nbk.testing import zeldovich_particles
+from jerald_nbk.train.loop import Objective, TrainConfig
+
+N = 32
+
+#: (target, layers) -> upper bound of the compiled temporaries, bytes per particle
+BOUNDS = {("dm", 1): 62.0, ("dm", 2): 102.0, ("hi", 2): 140.0}
+
+
+@pytest.mark.parametrize(("target", "layers"), list(BOUNDS))
+def test_step_temporaries_per_particle(target, layers):
+    pm = JaxEngine(N, 100.0, kernel="cpp")
+    pos = jnp.asarray(zeldovich_particles(N, 100.0, seed=0, rms_disp=1.0))
+    stage = Stage(pm, StageConfig(target, layers), remat=False)
+    rho = pm.density(pos)
+    star = rho if target == "hi" else None
+    obj = Objective(stage, pos, rho * 1.1, TrainConfig(progress=False), star=star)
+    raw = jnp.asarray(stage.table.init_raw(), jnp.float32)
+    compiled = obj._value_and_grad.lower(raw, obj.data).compile()
+    per_particle = compiled.memory_analysis().temp_size_in_bytes / N**3
+    assert per_particle <= BOUNDS[target, layers], (
+        f"{target} {layers}-layer step: {per_particle:.1f} B/particle of temporaries "
+        f"> {BOUNDS[target, layers]}"
+    )
