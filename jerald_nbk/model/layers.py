@@ -47,8 +47,8 @@ def fourier_source(pm: ParticleMesh, rho, gamma, alpha, kh, kl, nu, green="dm"):
     ``rho`` and the five scalars once the cotangent is known, instead of keeping up to seven
     meshes of intermediates alive from the forward pass to the end of the backward one (where a
     training step's memory peaks): one more FFT and a few elementwise passes per layer for, at
-    64^3, a compiled 1-layer DM step's temporaries of 56 instead of 80 bytes per particle (2-layer
-    DM 94 instead of 141, 2-layer HI 130 instead of 196). ``alpha`` is applied in Fourier space,
+    32^3, a compiled 1-layer DM step's temporaries of 52 instead of 80 bytes per particle (2-layer
+    DM 91 instead of 141, 2-layer HI 123 instead of 196). ``alpha`` is applied in Fourier space,
     so that the displacement itself needs not be kept for alpha's gradient.
     """
     # in the mesh's dtype: float64 parameters (JAX's x64 mode with a float32 engine) would
@@ -73,10 +73,10 @@ def _fourier_source_fwd(pm, green, *args):
 def _fourier_source_bwd(pm, green, args, ct):
     # Tie the recomputation to the cotangent so that XLA cannot schedule it in the forward pass
     # (an optimization barrier alone is removed before scheduling): ``c - c`` is 0 for any finite
-    # cotangent (and not folded away by XLA for floats), so the scalars are unchanged.
+    # cotangent (and not folded away by XLA for floats), so the inputs are unchanged.
     if ct.size:  # (an MPI rank may hold no plane of the mesh)
         c = jnp.real(ct.reshape(-1)[0])
-        args = (args[0],) + tuple(a + (c - c).astype(jnp.result_type(a)) for a in args[1:])
+        args = tuple(a + (c - c).astype(jnp.result_type(a)) for a in args)
     _, vjp = jax.vjp(functools.partial(_fourier_source_impl, pm, green), *args)
     return vjp(ct)
 
