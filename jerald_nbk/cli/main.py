@@ -767,7 +767,6 @@ def cmd_paint(args) -> int:
 
         bar = tqdm(total=len(catalogs), desc="paint", unit="catalog", file=sys.stderr)
     say = (bar.write if bar is not None else print) if root else (lambda *a, **k: None)
-    compiles = pm.static_key() is not None  # the MPI engine runs eagerly: nothing compiles
     traces0, last_n = TRACES["maps"], None  # last_n: the particle count last painted
     for i in order:
         path, dest = catalogs[i], outdirs[i]
@@ -775,7 +774,7 @@ def cmd_paint(args) -> int:
         pos = positions_from_columns(cols.pop("Position"), cattrs, pm, path)
         traced, t0 = TRACES["maps"], time.perf_counter()
         res = fn(pos, raws)  # traces and compiles here, synchronously, when it must
-        if compiles and TRACES["maps"] > traced and not args.quiet:
+        if TRACES["maps"] > traced and not args.quiet:
             again = " (recompiled: another particle count)" if last_n is not None else ""
             say(
                 f"[jerald] compiled the pipeline for {len(pos)} particles in "
@@ -817,9 +816,10 @@ def cmd_paint(args) -> int:
     if bar is not None:
         bar.close()
     if many and root:
-        n_compiled = TRACES["maps"] - traces0 if compiles else 0
-        how = f"{n_compiled} compilation(s)" if compiles else "eager MPI engine"
-        print(f"[jerald] {len(catalogs)} catalogs painted into {out}/<name> ({how})")
+        n_compiled = TRACES["maps"] - traces0
+        print(
+            f"[jerald] {len(catalogs)} catalogs painted into {out}/<name> ({n_compiled} compilation(s))"
+        )
     return 0
 
 

@@ -77,7 +77,7 @@ class Stage:
         Rematerialise each displacement layer in the backward pass (``jax.checkpoint``): the
         gradient keeps only each layer's input instead of its meshes, and recomputes the layer's
         forward pass. Same values, less memory, one more layer forward per step. None (default):
-        :data:`REMAT_DEFAULT` on the JAX engine, off on the MPI engine (which runs eagerly).
+        :data:`REMAT_DEFAULT` on the JAX engine, off on the MPI engine.
         Not part of the run fingerprint: it does not change what a step computes.
     """
 
@@ -227,8 +227,8 @@ class Pipeline:
         The positions and the stages' parameters are arguments, so one compilation serves every
         catalog with the same particle count (and every pipeline whose stages have the same
         static configuration: the compiled function is cached by their
-        :meth:`Stage.static_key`). On the MPI engine the function runs eagerly. Each trace
-        (on the JAX engine: each compilation) is counted in :data:`TRACES` ``["maps"]``.
+        :meth:`Stage.static_key`). On the MPI engine it is compiled per pipeline (not shared
+        between engine objects). Each trace (each compilation) is counted in :data:`TRACES` ``["maps"]``.
 
         Parameters
         ----------
@@ -282,8 +282,8 @@ class Pipeline:
 _MAPS_CACHE: dict = {}
 _MAPS_CACHE_SIZE = 8
 
-#: traces of the compiled :meth:`Pipeline.maps_function` functions: on the JAX engine one trace
-#: is one compilation; the MPI engine runs eagerly and counts every call
+#: traces of the compiled :meth:`Pipeline.maps_function` functions: one trace is one compilation
+#: (both engines compile: :meth:`ParticleMesh.jit`)
 TRACES: dict = {"maps": 0}
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..geometry import box_vector, mesh_vector
 from . import fourier
 
 
@@ -42,12 +43,8 @@ class ParticleMesh(abc.ABC):
     name: str = "?"
 
     def __init__(self, Nmesh, BoxSize, dtype="f4"):
-        nmesh = np.broadcast_to(np.asarray(Nmesh, dtype=int), (3,))
-        box = np.broadcast_to(np.asarray(BoxSize, dtype=float), (3,))
-        if np.any(nmesh < 1):
-            raise ValueError(f"Nmesh must be positive, got {tuple(nmesh)}")
-        if np.any(box <= 0):
-            raise ValueError(f"BoxSize must be positive, got {tuple(box)}")
+        nmesh = mesh_vector(Nmesh, "the engine's Nmesh")
+        box = box_vector(BoxSize, "the engine's BoxSize")
         self.Nmesh = tuple(int(n) for n in nmesh)
         self.BoxSize = np.array(box, dtype=float)
         self.dtype = np.dtype(dtype)

@@ -117,7 +117,7 @@ _STEP_CACHE: dict = {}
 _STEP_CACHE_SIZE = 16
 
 #: traces of the step functions by kind (``"value_and_grad"``, ``"losses"``): on an engine that
-#: compiles (JAX), one trace is one compilation; the MPI engine runs eagerly and counts every call
+#: compiles, one trace is one compilation (both engines compile: :meth:`ParticleMesh.jit`)
 TRACES: dict = {"value_and_grad": 0, "losses": 0}
 
 
@@ -220,7 +220,7 @@ class Objective:
     compiled functions are shared by every Objective of the same static configuration (engine
     mesh and box, stage configuration and parameter scales, loss power): a new simulation, a
     resumed run or another target of the same shapes reuses the compiled step. On the MPI engine
-    (``pm.jit`` is the identity) the same functions run eagerly.
+    (no ``static_key``) each Objective compiles its own step, once.
 
     Several simulations: ``pos`` and ``target`` (and ``star``) may be lists, one entry per
     (input, target) pair, e.g. several hydro boxes; every loss is then the sum of the pairs'
