@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.run import median_time
+
 RESULTS = Path(__file__).parent / "results"
 BOX = 100.0
 #: stage name -> (target, layers); the paper's 1-layer DM, stellar and HI models
@@ -65,16 +67,6 @@ def plane_particles(n: int, planes: range, dtype=np.float32) -> np.ndarray:
         lat = np.stack([np.full(n * n, i), j.ravel(), k.ravel()], -1) + 0.5
         out[a * n * n : (a + 1) * n * n] = (lat + rng.normal(0.0, 1.0, (n * n, 3))) * cell
     return out
-
-
-def _median_time(fn, reps: int) -> float:
-    fn()  # warm-up: compiles
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def _rss_gb() -> float:
@@ -157,7 +149,7 @@ def worker(n: int, stages: list[str], reps: int, ops: bool) -> dict:
         step()  # compiles
         comm.Barrier()
         c0 = time.process_time()
-        t = _median_time(lambda step=step: (step(), comm.Barrier()), reps)
+        t = median_time(lambda step=step: (step(), comm.Barrier()), reps)
         # CPU seconds of this process per compiled step (MPI's busy waits count): less sensitive
         # than wall time to a loaded machine
         cpu = (time.process_time() - c0) / (reps + 1)
@@ -232,14 +224,14 @@ def worker(n: int, stages: list[str], reps: int, ops: bool) -> dict:
             }
         for key, fn in timings.items():
             comm.Barrier()
-            t = _median_time(lambda fn=fn: (fn(), comm.Barrier()), reps)
+            t = median_time(lambda fn=fn: (fn(), comm.Barrier()), reps)
             rec["ops"][key] = comm.allreduce(t, op=MPI.MAX)
         pm._free_layouts(0)
         rec["ops"]["fft_reference_jnp_rfftn_whole_mesh"] = None
         if comm.size == 1:
             full = jnp.asarray(np.asarray(mesh))
             rf = jax.jit(lambda m: jnp.fft.rfftn(m) * fourier.r2c_scale(pm.ncells))
-            rec["ops"]["fft_reference_jnp_rfftn_whole_mesh"] = _median_time(
+            rec["ops"]["fft_reference_jnp_rfftn_whole_mesh"] = median_time(
                 lambda: jax.block_until_ready(rf(full)), reps
             )
     return rec
@@ -259,7 +251,7 @@ def jax_worker(n: int, stages: list[str], reps: int, baseline: bool) -> dict:
         step = _step(pm, name, pos)
         step()  # compiles
         c0 = time.process_time()
-        t = _median_time(step, reps)
+        t = median_time(step, reps)
         rec["steps"][name] = {
             "seconds_median": t,
             "cpu_seconds_per_step": (time.process_time() - c0) / (reps + 1),  # all threads
@@ -271,7 +263,7 @@ def jax_worker(n: int, stages: list[str], reps: int, baseline: bool) -> dict:
         target = np.asarray(pm.density(pos)) * 1.1
         mask = np.asarray(split_masks(pm)["train"])
         base = NumpyPmeshDMLayer(np.asarray(pos), target, mask, n, BOX, "f4")
-        rec["numpy_pmesh_dm1_seconds"] = _median_time(
+        rec["numpy_pmesh_dm1_seconds"] = median_time(
             lambda: base.loss_and_grad(0.001, 0.5, 1.0, 8.0, 0.0), reps
         )
     return rec

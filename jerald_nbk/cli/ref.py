@@ -472,33 +472,17 @@ def cmd_ref(args) -> int:
                     "using the schedule's",
                 )
             # continue the reference's Adam moments and step count
-            res = wf.fit_stage(
-                stage,
-                pos,
-                target,
-                workdir,
-                cfg,
-                raw0,
-                star=star,
-                provenance=prov | {"start_step": ost.step},
-                resume=False,
-                opt_state0=optax_adam_state(ost),
-                start_step=ost.step,
-                overwrite=args.overwrite,
-            ).result
+            continued = {
+                "provenance": prov | {"start_step": ost.step},
+                "resume": False,
+                "opt_state0": optax_adam_state(ost),
+                "start_step": ost.step,
+            }
         else:
-            res = wf.fit_stage(
-                stage,
-                pos,
-                target,
-                workdir,
-                cfg,
-                raw0,
-                star=star,
-                provenance=prov,
-                resume=resume,
-                overwrite=args.overwrite,
-            ).result
+            continued = {"provenance": prov, "resume": resume}
+        res = wf.fit_stage(
+            stage, pos, target, workdir, cfg, raw0, star=star, overwrite=args.overwrite, **continued
+        ).result
         raw = res.best_raw
         say(
             pm,

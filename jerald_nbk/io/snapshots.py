@@ -519,17 +519,8 @@ def temperature(u, x_e, X: float = X_H, unit_velocity: float = 1e5):
 
 def _paint(pos, weight, nmesh, box, comm) -> np.ndarray | None:
     """CIC-paint this rank's particles with pmesh (float64); the whole mesh on rank 0."""
-    import pmesh.pm
-
-    pm = pmesh.pm.ParticleMesh(Nmesh=list(nmesh), BoxSize=box, dtype="f8", comm=comm)
-    pos = np.ascontiguousarray(pos, dtype=np.float64)
-    weight = np.ascontiguousarray(weight, dtype=np.float64)
-    if comm.size > 1:
-        layout = pm.decompose(pos, smoothing=1.0)
-        real = pm.paint(pos, mass=weight, layout=layout, resampler="cic")
-    else:
-        real = pm.paint(pos, mass=weight, resampler="cic")
-    parts = comm.gather((tuple(real.slices), real.value), root=0)
+    slab, slices = paint_slab(pos, weight, nmesh, box, comm)
+    parts = comm.gather((slices, slab), root=0)
     if comm.rank != 0:
         return None
     full = np.zeros(tuple(nmesh), np.float64)
