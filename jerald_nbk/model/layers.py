@@ -72,11 +72,13 @@ def _fourier_source_fwd(pm, green, *args):
 
 def _fourier_source_bwd(pm, green, args, ct):
     # Tie the recomputation to the cotangent so that XLA cannot schedule it in the forward pass
-    # (an optimization barrier alone is removed before scheduling): ``c - c`` is 0 for any finite
-    # cotangent (and not folded away by XLA for floats), so the inputs are unchanged.
+    # (an optimization barrier alone is removed before scheduling): ``zero`` is 0 whatever the
+    # cotangent (``c - c`` is not folded away by XLA for floats; the ``where`` keeps a non-finite
+    # element from turning every gradient into NaN), so the inputs are unchanged.
     if ct.size:  # (an MPI rank may hold no plane of the mesh)
         c = jnp.real(ct.reshape(-1)[0])
-        args = tuple(a + (c - c).astype(jnp.result_type(a)) for a in args)
+        zero = jnp.where(jnp.isfinite(c), c - c, jnp.zeros_like(c))
+        args = tuple(a + zero.astype(jnp.result_type(a)) for a in args)
     _, vjp = jax.vjp(functools.partial(_fourier_source_impl, pm, green), *args)
     return vjp(ct)
 
