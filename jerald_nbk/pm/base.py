@@ -121,13 +121,6 @@ class ParticleMesh(abc.ABC):
         """
 
     @abc.abstractmethod
-    def readout_gradient(self, mesh, pos):
-        """d/dx of the CIC-interpolated value of a one-channel mesh at ``pos``: (N, 3), 1/(Mpc/h).
-
-        Piecewise constant in ``pos`` (jumps at cell faces). Not differentiable.
-        """
-
-    @abc.abstractmethod
     def r2c(self, mesh):
         """Forward FFT of a real mesh, divided by the number of cells (k = 0 holds the mean)."""
 

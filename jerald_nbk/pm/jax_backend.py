@@ -310,15 +310,6 @@ class JaxEngine(ParticleMesh):
         vals = cic_readout(mesh[..., None] if single else mesh, pos, self._cfg)
         return vals[:, 0] if single else vals
 
-    def readout_gradient(self, mesh, pos):
-        pos = self._as_pos(pos)
-        mesh = jnp.asarray(mesh).astype(self.dtype)
-        if mesh.shape != self.Nmesh:
-            raise ValueError(f"mesh shape {mesh.shape} != Nmesh {self.Nmesh} (one channel)")
-        mesh = mesh[..., None]
-        ones = jnp.ones((pos.shape[0], 1), self.dtype)
-        return _readout_vjp_pos_impl(mesh, pos, ones, self._cfg)
-
     def r2c(self, mesh):
         return jnp.fft.rfftn(mesh, axes=(0, 1, 2)) * fourier.r2c_scale(self.ncells)
 

@@ -886,29 +886,6 @@ class PmeshEngine(ParticleMesh):
         vals = _readout(self, self._handle(pos), mesh[..., None] if single else mesh, pos)
         return vals[:, 0] if single else vals
 
-    def readout_gradient(self, mesh, pos):
-        """d/dx of the CIC-interpolated one-channel mesh at this rank's particles.
-
-        Parameters
-        ----------
-        mesh : local real slab (one channel)
-        pos : (N, 3) array of this rank's positions, Mpc/h
-
-        Returns
-        -------
-        JAX array (N, 3) in 1/(Mpc/h); piecewise constant, not differentiable.
-        """
-        pos = self._as_pos(pos)
-        mesh = self._as_mesh(mesh, self.local_real_shape, self.dtype, "real")
-        if mesh.ndim != 3:
-            raise ValueError(f"readout_gradient takes a one-channel mesh, got shape {mesh.shape}")
-        if self._local is not None:
-            return self._local.readout_gradient(mesh, pos)
-        ones = jnp.ones((pos.shape[0], 1), self.dtype)
-        shape = jax.ShapeDtypeStruct((pos.shape[0], 3), self.dtype)
-        grad = _callback(self._np_grad, shape, self._handle(pos), mesh[..., None], ones)
-        return jax.lax.stop_gradient(grad)
-
     def r2c(self, mesh):
         """Forward FFT of the distributed real mesh, divided by the number of cells.
 
