@@ -83,7 +83,7 @@ def _engine(Nmesh, BoxSize, dtype, backend: str, comm):
 #: plain-text flavours: (gradient order, Green's function) of the code that wrote the file. LDL
 #: (Dai & Seljak) uses 4th-order gradients and the eq-6 Green's function for every target (as
 #: ``jerald-ldl`` does); the JERALD reference 6th-order gradients and eq 7 for DM, eq 6 otherwise.
-PLAINTEXT_FLAVOURS = {"ldl": (4, "sm"), "jerald": (6, None)}
+PLAINTEXT_FLAVOURS = {"ldl": (4, "gaussian"), "jerald": (6, None)}
 
 
 def _is_json(path: Path) -> bool:

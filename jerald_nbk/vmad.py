@@ -14,8 +14,8 @@ pmesh engine's FFTs, which define reverse-mode adjoints only, it raises ``NotImp
 Operators
 ---------
 :data:`displacement`
-    One displacement layer (eq 1-2) with the eq 7 (``green="dm"``) or eq 6 (``green="sm"``)
-    Green's function: ``X1 = displacement(X, alpha, gamma, kh, kl, nu, pm=pm, green="sm")``.
+    One displacement layer (eq 1-2) with the eq 7 (``green="exponential"``) or eq 6 (``green="gaussian"``)
+    Green's function: ``X1 = displacement(X, alpha, gamma, kh, kl, nu, pm=pm, green="gaussian")``.
 :data:`stellar_transform`
     Eq 8: ``F = stellar_transform(rho, w, mu, b)``.
 :data:`hi_transform`
@@ -52,7 +52,7 @@ Examples
 >>> with Builder() as m:
 ...     p = m.input("p")                                  # alpha, gamma, kh, kl, nu, w, mu, b
 ...     a, g, kh, kl, nu, w, mu, b = (linalg.take(p, i, axis=0) for i in range(8))
-...     X1 = jv.displacement(X, a, g, kh, kl, nu, pm=pm, green="sm")
+...     X1 = jv.displacement(X, a, g, kh, kl, nu, pm=pm, green="gaussian")
 ...     rho = jv.paint(X1, 1.0, pm=pm) * (pm.ncells / len(X))
 ...     m.output(F=jv.stellar_transform(rho, w, mu, b))
 >>> F, tape = m.compute(init=dict(p=p0), vout="F", return_tape=True)
@@ -165,7 +165,7 @@ class displacement:
         Physical layer parameters (differentiable).
     pm : jerald_nbk.pm.ParticleMesh
         The engine; ``1 + delta`` is painted on it from the particles of every rank.
-    green : {"dm", "sm"}
+    green : {"exponential", "gaussian"} (or the old "dm", "sm")
         Eq 7 ``exp(-kh/k) exp(-k/kl) k^nu`` or eq 6 ``exp(-(kh/k)^2) exp(-(k/kl)^2) k^nu``.
     order : {4, 6, "exact"}
         Finite-difference order of the gradient (as :func:`jerald_nbk.model.layers.displacement_layer`).
@@ -186,9 +186,8 @@ class displacement:
     }
     aout = {"y": "ndarray"}
 
-    def apl(node, x, alpha, gamma, kh, kl, nu, pm, green="dm", order=6):
-        if green not in layers.GREENS:
-            raise ValueError(f"green must be one of {sorted(layers.GREENS)}, got {green!r}")
+    def apl(node, x, alpha, gamma, kh, kl, nu, pm, green="exponential", order=6):
+        green = layers.green_name(green)
         y, back = _apl(_layer_fn(pm, green, order), (x, alpha, gamma, kh, kl, nu))
         return dict(y=y, back=back)
 

@@ -473,7 +473,7 @@ def test_ref_train_evaluate_resume(inputs, tmp_path):
     run("jerald-ref", "--target", "dm", "--refpath", inputs / "dm", "--Nstep", "1", *common)
     dm_txt = out / "dm_Nmesh16_Nstep1_n0.00_bestparam.txt"
     cfg, raw, prov = load_params(out / "dm_Nmesh16_Nstep1_n0.00_bestparam.json")
-    assert cfg.gradient_order == 6 and cfg.green_kind == "dm"
+    assert cfg.gradient_order == 6 and cfg.green_kind == "exponential"
     np.testing.assert_allclose(load_plaintext(dm_txt, cfg, flavour="jerald"), raw, rtol=1e-12)
     assert (out / "dm_Nmesh16_Nstep1_n0.00_map" / "Field").exists()
 

@@ -150,4 +150,4 @@ def test_migrate_ldl(suite, trained, tmp_path):
     )
     assert "JSON and LDL files paint the same map: True" in stdout
     config, _, prov = load_params(tmp_path / "json" / "stellar.json")
-    assert (config.gradient_order, config.green, prov["Nmesh"]) == (4, "sm", [32, 32, 32])
+    assert (config.gradient_order, config.green, prov["Nmesh"]) == (4, "gaussian", [32, 32, 32])

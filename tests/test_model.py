@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jerald_nbk.io.paramfiles import load_params, load_plaintext, save_params, save_plaintext
+from jerald_nbk.model import layers
 from jerald_nbk.model.params import ParamTable, table
 from jerald_nbk.model.pipeline import Pipeline, Stage, StageConfig
 from jerald_nbk.pm import JaxEngine
@@ -387,3 +388,29 @@ def test_float32_parameters_on_a_bound_load_back(tmp_path):
     assert load_params(path)[1][-3] == pytest.approx(1e-5, rel=1e-6)
     with pytest.raises(ValueError, match="w=9e-06 not in"):
         tab.check_bounds(tab.to_physical(np.where(np.arange(len(raw)) == len(raw) - 3, 9e-6, raw)))
+
+
+def test_green_kinds_are_named_by_their_cut_offs_and_old_names_still_read():
+    """Eq 7 is 'exponential', eq 6 'gaussian'; the first release's 'dm'/'sm' map onto them.
+
+    Catches a parameter file written by the first release (``"green": "sm"``) being refused or
+    read as the other form, and a misspelt kind passing silently.
+    """
+    from jerald_nbk.model.layers import green_name
+
+    assert StageConfig("stellar", green="sm").green == "gaussian"
+    assert StageConfig("stellar", green="dm").green == "exponential"
+    assert StageConfig("dm").green_kind == "exponential"
+    assert StageConfig("hi").green_kind == "gaussian"
+    assert green_name("gaussian") == "gaussian"
+    with pytest.raises(ValueError, match="'exponential', 'gaussian'"):
+        StageConfig("dm", green="gauss")
+    # the two forms differ at a generic k: a swapped alias would be caught here
+    pm = JaxEngine(8, 10.0, dtype="f8")
+    a = np.asarray(layers.GREENS["exponential"](pm, 0.5, 3.0, -1.0))
+    b = np.asarray(layers.GREENS["gaussian"](pm, 0.5, 3.0, -1.0))
+    k = np.asarray(pm.knorm())
+    i = np.unravel_index(np.argmin(np.abs(k - 1.2)), k.shape)
+    kk = k[i]
+    assert a[i] == pytest.approx(np.exp(-0.5 / kk - kk / 3.0) / kk, rel=1e-12)
+    assert b[i] == pytest.approx(np.exp(-((0.5 / kk) ** 2) - (kk / 3.0) ** 2) / kk, rel=1e-12)

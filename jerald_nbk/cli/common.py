@@ -159,7 +159,7 @@ def load_plain_or_json(path, target: str, flavour: str, pm, order, green=None, n
     pm : ParticleMesh
     order : {4, 6, "exact"}
         Gradient order of a plain-text file's model.
-    green : {"dm", "sm"}, optional
+    green : {"exponential", "gaussian"}, optional
         Green's function of a plain-text file's model.
     nstep : int, optional
         Layers the file must have (``--Nstep``).

@@ -592,7 +592,7 @@ def cmd_ldl(args) -> int:
     else:
         nmesh = (args.Nmesh or LDL_NMESH,) * 3
     pm = wf.engine(nmesh, args.BoxSize, args.dtype, args.backend)
-    order, green = 4, "sm"
+    order, green = 4, "gaussian"
     stage_target = "dm" if t == "dm" else "stellar"
 
     # parameter files first (cheap, and bad ones must fail before anything is written)

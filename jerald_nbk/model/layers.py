@@ -21,17 +21,47 @@ from ..pm.base import ParticleMesh
 EPS = 1e-8
 
 
-def green_dm(pm: ParticleMesh, kh, kl, nu):
-    """Eq 7: ``exp(-kh/k) exp(-k/kl) k^nu``; 0 at k = 0 (:data:`fourier.K0_VALUES`)."""
+def green_exponential(pm: ParticleMesh, kh, kl, nu):
+    """Eq 7 (JERALD's DM form): ``exp(-kh/k) exp(-k/kl) k^nu``; 0 at k = 0 (:data:`fourier.K0_VALUES`)."""
     return pm.fourier_factor("green", lambda k: jnp.exp(-kh / k - k / kl) * k**nu)
 
 
-def green_sm(pm: ParticleMesh, kh, kl, nu):
-    """Eq 6 (LDL's form, stellar mass and HI): ``exp(-(kh/k)^2) exp(-(k/kl)^2) k^nu``; 0 at k = 0."""
+def green_gaussian(pm: ParticleMesh, kh, kl, nu):
+    """Eq 6 (LDL's form; stellar mass and HI): ``exp(-(kh/k)^2) exp(-(k/kl)^2) k^nu``; 0 at k = 0."""
     return pm.fourier_factor("green", lambda k: jnp.exp(-((kh / k) ** 2) - (k / kl) ** 2) * k**nu)
 
 
-GREENS = {"dm": green_dm, "sm": green_sm}
+#: the Green's functions by the shape of their cut-offs (eq 7: exponential, eq 6: Gaussian)
+GREENS = {"exponential": green_exponential, "gaussian": green_gaussian}
+
+#: the first release's keys, named after the target that first used each form; still read from
+#: parameter files and accepted as arguments (:func:`green_name`)
+GREEN_ALIASES = {"dm": "exponential", "sm": "gaussian"}
+
+
+def green_name(kind: str) -> str:
+    """The key of :data:`GREENS` for ``kind`` (a key, or an alias of :data:`GREEN_ALIASES`).
+
+    Parameters
+    ----------
+    kind : str
+        ``"exponential"`` (eq 7), ``"gaussian"`` (eq 6), or their old names ``"dm"``, ``"sm"``.
+
+    Returns
+    -------
+    str
+        ``"exponential"`` or ``"gaussian"``.
+
+    Raises
+    ------
+    ValueError
+        For any other value, naming the accepted ones.
+    """
+    name = GREEN_ALIASES.get(kind, kind)
+    if name not in GREENS:
+        accepted = ", ".join(repr(k) for k in (*GREENS, *GREEN_ALIASES))
+        raise ValueError(f"Green's function kind must be one of {accepted}, got {kind!r}")
+    return name
 
 
 def power_source(one_plus_delta, gamma):
@@ -39,7 +69,7 @@ def power_source(one_plus_delta, gamma):
     return (one_plus_delta + EPS) ** gamma
 
 
-def fourier_source(pm: ParticleMesh, rho, gamma, alpha, kh, kl, nu, green="dm"):
+def fourier_source(pm: ParticleMesh, rho, gamma, alpha, kh, kl, nu, green="exponential"):
     """``alpha G(k) FFT[f(delta)]``: a layer's potential in Fourier space (eqs 1-2, 6-7).
 
     Same values as ``alpha * pm.r2c(power_source(rho, gamma)) * GREENS[green](pm, kh, kl, nu)``;
@@ -54,7 +84,7 @@ def fourier_source(pm: ParticleMesh, rho, gamma, alpha, kh, kl, nu, green="dm"):
     # in the mesh's dtype: float64 parameters (JAX's x64 mode with a float32 engine) would
     # otherwise make every mesh of the layer and of its backward pass float64
     scalars = (jnp.asarray(x, dtype=jnp.result_type(rho)) for x in (gamma, alpha, kh, kl, nu))
-    return _fourier_source(pm, green, rho, *scalars)
+    return _fourier_source(pm, green_name(green), rho, *scalars)
 
 
 def _fourier_source_impl(pm, green, rho, gamma, alpha, kh, kl, nu):
@@ -93,7 +123,7 @@ def potential_displacement(pm: ParticleMesh, pos, phik, order=6):
 
 
 def displacement_layer(
-    pm: ParticleMesh, pos, alpha, gamma, kh, kl, nu, green="dm", order=6, density=None
+    pm: ParticleMesh, pos, alpha, gamma, kh, kl, nu, green="exponential", order=6, density=None
 ):
     """One layer, eq 1-2: returns the new positions ``x + alpha grad(G f(delta))(x)``.
 
@@ -105,8 +135,9 @@ def displacement_layer(
         Particle positions, Mpc/h (not wrapped: the CIC kernels are periodic).
     alpha, gamma, kh, kl, nu : scalars
         Physical layer parameters.
-    green : {"dm", "sm"}
-        Eq 7 (dark matter) or eq 6 (stellar mass, HI).
+    green : {"exponential", "gaussian"}
+        Eq 7 (JERALD's dark matter) or eq 6 (stellar mass, HI; LDL for every target); the old
+        names ``"dm"`` and ``"sm"`` are accepted (:func:`green_name`).
     order : {4, 6, "exact"}
         Finite-difference order of the gradient.
     density : real mesh, optional
@@ -137,6 +168,6 @@ def hi_layer(pm: ParticleMesh, pos, star, p1, p2, order=6, density=None):
     a1, g1, kh1, kl1, nu1 = p1
     a2, g2, kh2, kl2, nu2 = p2
     rho = pm.density(pos) if density is None else density
-    phik = fourier_source(pm, rho, g1, a1, kh1, kl1, nu1, "sm")
-    phik = phik - fourier_source(pm, star, g2, a2, kh2, kl2, nu2, "sm")
+    phik = fourier_source(pm, rho, g1, a1, kh1, kl1, nu1, "gaussian")
+    phik = phik - fourier_source(pm, star, g2, a2, kh2, kl2, nu2, "gaussian")
     return pos + potential_displacement(pm, pos, phik, order)

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..pm.base import ParticleMesh
 from . import layers, transforms
+from .layers import green_name
 from .params import dm_layer_names, hi_layer_names, table_for
 
 #: :class:`Stage`'s ``remat`` on the JAX engine when not given. Off: measured (issue 14), the
@@ -39,8 +40,10 @@ class StageConfig:
         Fourier finite-difference order of the gradients (JERALD: 6, LDL: 4).
     hi_shift : bool
         HI: fit the reference code's shift ``zs`` in eq 13.
-    green : {"dm", "sm"} or None
-        Green's function of the layers; default eq 7 for DM, eq 6 otherwise (LDL uses eq 6 for all).
+    green : {"exponential", "gaussian"} or None
+        Green's function of the layers by the shape of its cut-offs: default eq 7 (exponential)
+        for DM, eq 6 (Gaussian) otherwise (LDL uses eq 6 for all). The first release's names
+        ``"dm"`` and ``"sm"`` are accepted and stored as the new ones.
     amplitude : float
         The target map's amplitude (mean per cell): the initial ``w`` and the unit in which the
         optimiser sees the terms in the map's units (:func:`params.table`). 1: unscaled, as the
@@ -54,9 +57,14 @@ class StageConfig:
     green: str | None = None
     amplitude: float = 1.0
 
+    def __post_init__(self):
+        if self.green is not None:
+            object.__setattr__(self, "green", green_name(self.green))
+
     @property
     def green_kind(self) -> str:
-        return self.green or ("dm" if self.target == "dm" else "sm")
+        """The Green's function the layers use: :attr:`green`, or the target's default."""
+        return self.green or ("exponential" if self.target == "dm" else "gaussian")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 
 from ..geometry import BOX_RTOL, box_vector
+from ..model.layers import GREEN_ALIASES, GREENS
 from ..model.params import TARGETS
 
 #: positions more than this many box lengths outside ``[0, BoxSize)`` are warned about
@@ -185,7 +186,10 @@ def check_param_doc(doc, path) -> None:
             "4, 6 or 'exact'",
         ),
         "hi_shift": (lambda v: isinstance(v, bool), "true or false"),
-        "green": (lambda v: v in (None, "dm", "sm"), "null, 'dm' or 'sm'"),
+        "green": (
+            lambda v: v is None or v in GREENS or v in GREEN_ALIASES,
+            "null, 'exponential' or 'gaussian' (or the old 'dm', 'sm')",
+        ),
         "amplitude": (lambda v: _is_number(v) and np.isfinite(v) and v > 0, "a number > 0"),
     }
     for key, (ok, want) in checks.items():
