@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ..geometry import box_vector, mesh_vector
+
 TARGETS = ("dm", "stellar", "hi")
 
 #: bound on the powers of k (``nu`` of every Green's function, ``nuI`` of eq 15): LDL's (-4.5, 4.5).
@@ -293,8 +295,8 @@ def ldl_k_max(Nmesh, BoxSize) -> float:
     BoxSize : float or 3 floats
         Mpc/h (LDL hard-codes 205).
     """
-    n = np.broadcast_to(np.asarray(Nmesh, dtype=float), (3,))
-    box = np.broadcast_to(np.asarray(BoxSize, dtype=float), (3,))
+    n = mesh_vector(Nmesh, "LDL's k bound").astype(float)
+    box = box_vector(BoxSize, "LDL's k bound")
     return float(np.max(2.0 * np.pi * n / box))
 
 
