@@ -448,8 +448,8 @@ def add_engine_options(p: argparse.ArgumentParser, adam_defaults: bool = True) -
     )
 
 
-def train_config(args, smoothing_n: float, split: str):
-    """The :class:`~jerald_nbk.train.loop.TrainConfig` of the parsed options.
+def train_config(args, smoothing_n: float, split: str, **extra):
+    """The :class:`~jerald_nbk.train.loop.TrainConfig` of the parsed options (every command's).
 
     Parameters
     ----------
@@ -458,6 +458,9 @@ def train_config(args, smoothing_n: float, split: str):
     smoothing_n : float
         Eq-11 exponent.
     split : {"paper", "ldl"}
+    **extra
+        Further :class:`TrainConfig` fields a command has options for (``jerald``: ``loss_p``,
+        ``patience``).
     """
     from ..train.loop import TrainConfig
 
@@ -470,6 +473,7 @@ def train_config(args, smoothing_n: float, split: str):
         split=split,
         checkpoint_every=args.checkpoint_every,
         progress=not args.quiet,
+        **extra,
     )
 
 

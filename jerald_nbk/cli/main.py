@@ -366,19 +366,14 @@ def _check_ranges(args: argparse.Namespace, argv, cfg_path) -> None:
 
 
 def _train_config(args):
-    from ..train.loop import TrainConfig
+    from .common import train_config
 
-    return TrainConfig(
-        steps=args.steps,
-        eta0=args.eta0,
-        eta_final=args.eta_final,
-        tau=args.tau,
+    return train_config(
+        args,
+        args.smoothing_n or 0.0,
+        args.split,
         loss_p=None if args.loss == "auto" else int(args.loss[1]),
-        smoothing_n=args.smoothing_n or 0.0,
-        split=args.split,
-        checkpoint_every=args.checkpoint_every,
         patience=args.patience,
-        progress=not args.quiet,
     )
 
 
