@@ -104,19 +104,26 @@ def atomic_write(path, mode: str = "w"):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The temporary is removed through a handle on its folder, so that it goes even when the folder
+    # was moved or replaced meanwhile; the rename goes by path, so that a replaced folder is an
+    # error (the output is not where it was asked for) and not a silent write elsewhere.
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fchmod(fd, default_mode())
-        with os.fdopen(fd, mode) as fh:
-            fault_point("write")
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, default_mode())
+            with os.fdopen(fd, mode) as fh:
+                fault_point("write")
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.basename(tmp), dir_fd=dir_fd)
+            raise
+    finally:
+        os.close(dir_fd)
 
 
 def _files_under(root: Path) -> list[str]:

@@ -518,3 +518,20 @@ def test_train_refuses_a_foreign_out_and_a_held_lock(cli_inputs, tmp_path):
     (out / LOCK_NAME).unlink()
     _run(*_train_cmd(cli_inputs, out, 2), "--overwrite")
     assert "mine" not in (out / "params.json").read_text()
+
+
+def test_atomic_write_leaves_no_temporary_when_its_folder_is_moved_mid_write(tmp_path):
+    """The folder renamed away while a file is written (a user moving a run's --out): the write
+    fails (the output is not where it was asked for) and its temporary goes with it; the old
+    cleanup unlinked by path and left the temporary in the moved folder."""
+    from jerald_nbk.utils import atomic_write
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.raises(OSError):
+        with atomic_write(out / "checkpoint.npz", "wb") as fh:
+            fh.write(b"partial")
+            out.rename(tmp_path / "moved")
+            out.write_text("not a directory\n")
+    assert sorted(p.name for p in (tmp_path / "moved").iterdir()) == []
+    assert out.read_text() == "not a directory\n"
