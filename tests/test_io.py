@@ -488,12 +488,10 @@ def test_read_mesh_slab_is_the_slice(tmp_path, name):
     assert nmesh == (6, 5, 4) and box.tolist() == [10.0] * 3
 
 
-def test_read_mesh_slab_reads_only_its_rows(tmp_path, monkeypatch):
-    """A slab of a bigfile mesh asks bigfile for its planes' rows only (not the whole block)."""
+def spy_on_row_reads(monkeypatch) -> list:
+    """The (start, stop) row ranges asked of ``io._bigfile.read_rows`` from now on (a live list)."""
     from jerald_nbk.io import _bigfile
 
-    arr = random_mesh((8, 3, 2), np.float64, seed=13)
-    write_mesh(tmp_path / "m", arr, 4.0)
     asked = []
     real = _bigfile.read_rows
 
@@ -502,6 +500,15 @@ def test_read_mesh_slab_reads_only_its_rows(tmp_path, monkeypatch):
         return real(block, start, stop, *a)
 
     monkeypatch.setattr(_bigfile, "read_rows", spy)
+    return asked
+
+
+def test_read_mesh_slab_reads_only_its_rows(tmp_path, monkeypatch):
+    """A slab of a bigfile mesh asks bigfile for its planes' rows only (not the whole block)."""
+
+    arr = random_mesh((8, 3, 2), np.float64, seed=13)
+    write_mesh(tmp_path / "m", arr, 4.0)
+    asked = spy_on_row_reads(monkeypatch)
     part, _ = read_mesh_slab(tmp_path / "m", (slice(5, 7), slice(None), slice(None)))
     np.testing.assert_array_equal(part, arr[5:7])
     assert asked == [(5 * 6, 7 * 6)]
@@ -539,7 +546,6 @@ def test_mpi_workflow_read_map_reads_only_its_slab(tmp_path, monkeypatch):
     from mpi4py import MPI
 
     from jerald_nbk import workflow as wf
-    from jerald_nbk.io import _bigfile
     from jerald_nbk.pm import PmeshEngine
 
     comm = MPI.COMM_WORLD
@@ -548,14 +554,7 @@ def test_mpi_workflow_read_map_reads_only_its_slab(tmp_path, monkeypatch):
     pm = PmeshEngine((8, 6, 4), 5.0, dtype="f4", comm=comm)
     path = os.path.join(root, "target")
     write_mesh(path, arr, 5.0, comm=comm)
-    asked = []
-    real = _bigfile.read_rows
-
-    def spy(block, start, stop, *a):
-        asked.append((start, stop))
-        return real(block, start, stop, *a)
-
-    monkeypatch.setattr(_bigfile, "read_rows", spy)
+    asked = spy_on_row_reads(monkeypatch)
     local, attrs = wf.read_map(path, pm, scale=2.5)
     monkeypatch.undo()
     asked = [(a, b) for a, b in asked if b > a]  # the header read asks for no row

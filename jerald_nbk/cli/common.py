@@ -596,23 +596,17 @@ def typed_config(cfg: dict, options: dict, path, prog: str) -> dict:
 def _typed_value(v, action: argparse.Action, where: str):
     """One config value as its option's type, checked against its choices."""
     kind = action.type
-    if kind is int:
+    if kind in (int, float):
+        # a float option takes an integer too; neither takes a bool (an int subclass)
+        want, accepted = ("an integer", int) if kind is int else ("a number", int | float)
         if isinstance(v, str):
             try:
-                v = int(v)
+                v = kind(v)
             except ValueError:
-                raise SystemExit(f"{where}: expected an integer, found {v!r}") from None
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise SystemExit(f"{where}: expected an integer, found {v!r}")
-    elif kind is float:
-        if isinstance(v, str):
-            try:
-                v = float(v)
-            except ValueError:
-                raise SystemExit(f"{where}: expected a number, found {v!r}") from None
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise SystemExit(f"{where}: expected a number, found {v!r}")
-        v = float(v)
+                raise SystemExit(f"{where}: expected {want}, found {v!r}") from None
+        if isinstance(v, bool) or not isinstance(v, accepted):
+            raise SystemExit(f"{where}: expected {want}, found {v!r}")
+        v = kind(v)
     elif kind is None and v is not None and not isinstance(v, str):
         raise SystemExit(f"{where}: expected a string, found {v!r}")
     if action.choices is not None and v not in action.choices:
