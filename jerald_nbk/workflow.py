@@ -15,7 +15,7 @@ import numpy as np
 
 from .geometry import BOX_RTOL, box_vector, mesh_vector
 from .io.paramfiles import load_params, save_params
-from .model.params import initial_amplitude
+from .model.params import initial_amplitude, stellar_start
 from .model.pipeline import Pipeline, Stage, StageConfig
 from .pm import ParticleMesh, make_pm
 from .train.loop import Objective, TrainConfig, TrainResult, train
@@ -147,16 +147,38 @@ def train_stage(
     ``overwrite``, ``opt_state0``, ``start_step``).
     """
     cfg = train_config or TrainConfig()
-    amplitude = 1.0
+    amplitude, b_init = 1.0, 0.0
     if target in ("stellar", "hi"):
         maps = target_map if isinstance(target_map, list | tuple) else [target_map]
         total = sum(float(pm.sum(m)) for m in maps) / len(maps)
         amplitude = initial_amplitude(total, pm.ncells)
+    if target == "stellar" and amplitude > 1e-30:
+        # w and b start at the target's occupancy and mean (params.stellar_start); w's start is
+        # also the unit in which the optimiser sees w and b
+        amplitude, b_init = _stellar_start(pm, pos, maps, amplitude)
     config = StageConfig(target, n_layers, gradient_order, hi_shift, green, amplitude=amplitude)
-    stage = Stage(pm, config)
+    stage = Stage(pm, config, b_init=b_init)
     return fit_stage(
         stage, pos, target_map, outdir, cfg, star=star, provenance=provenance, resume=resume, **run
     )
+
+
+def _stellar_start(pm: ParticleMesh, pos, maps, target_mean: float) -> tuple[float, float]:
+    """:func:`~jerald_nbk.model.params.stellar_start` on the stage's input particles and targets."""
+    sims = pos if isinstance(pos, list | tuple) else [pos]
+    xs = [pm.density(p) for p in sims]
+    cells = pm.ncells * len(xs)
+    nonempty = sum(float(pm.sum(jnp.where(m > 0, 1.0, 0.0))) for m in maps) / (
+        pm.ncells * len(maps)
+    )
+
+    def above(q):
+        return sum(float(pm.sum(jnp.where(x > q, 1.0, 0.0))) for x in xs) / cells
+
+    def excess(q):
+        return sum(float(pm.sum(jnp.maximum(x - q, 0.0))) for x in xs) / cells
+
+    return stellar_start(above, excess, nonempty, target_mean)
 
 
 def fit_stage(

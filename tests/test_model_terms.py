@@ -226,3 +226,48 @@ def test_stellar_fit_does_not_depend_on_the_map_units(smoke, tmp_path):
     )
     w = [r.stage.table.as_dict(r.result.raw)["w"] for r in runs]
     assert w[1] * 1e5 == pytest.approx(w[0], rel=1e-6)
+
+
+def test_stellar_start_analytic_uniform_density():
+    """x uniform on [0, 1]: the fraction above q is 1 - q and the mean of ReLU(x - q) is
+    (1 - q)^2 / 2, so an occupancy of 1/4 needs q = 3/4, w0 = m / (1/32) and b0 = w0 q."""
+    from jerald_nbk.model.params import stellar_start
+
+    m = 3e-5  # a z = 5 stellar map's mean in 1e10 Msun/h per cell
+    w0, b0 = stellar_start(
+        lambda q: max(1.0 - q, 0.0), lambda q: max(1.0 - q, 0.0) ** 2 / 2, 0.25, m
+    )
+    assert w0 == pytest.approx(32 * m, rel=1e-9)
+    assert b0 == pytest.approx(0.75 * 32 * m, rel=1e-9)
+    # every cell occupied (or an input emptier than the target): model.md's start, b = 0
+    w0, b0 = stellar_start(lambda q: max(1.0 - q, 0.0), lambda q: max(0.5 - q, 0.0), 1.0, m)
+    assert (w0, b0) == (pytest.approx(2 * m), 0.0)
+    with pytest.raises(ValueError, match="occupancy"):
+        stellar_start(lambda q: 1.0, lambda q: 1.0, 0.0, m)
+
+
+def test_stellar_training_starts_at_the_target_occupancy_and_mean(smoke, tmp_path):
+    """The stellar stage starts with b at the (1 - occupancy) quantile of its input density (in
+    units of w), not at 0: with b = 0 every cell with a particle is non-empty, while a sparse
+    target (z = 5: 0.6% of cells) needs b ~ 20 w, which Adam, moving b by about the learning rate
+    per step, never reached. Checked with numpy's quantile on the smoke suite, through
+    train_stage: the starting map has the target's non-empty fraction and mean."""
+    from jerald_nbk.workflow import train_stage
+
+    pm, pos, maps = smoke
+    target = np.asarray(maps["stellar"])
+    occupancy = np.mean(target > 0)
+    assert occupancy < 0.5  # a sparse target, where b = 0 would be far off
+    cfg = TrainConfig(steps=1, progress=False)
+    run = train_stage(pm, "stellar", pos, maps["stellar"], tmp_path / "st", 0, cfg)
+    start = run.stage.table.as_dict(run.stage.table.init_raw())
+    x = np.asarray(pm.density(pos))
+    # independent of the bisection: numpy's quantile, to within the gap between sorted cells
+    xs = np.sort(x.ravel())
+    i = int(round((1 - occupancy) * xs.size))
+    assert xs[i - 2] <= start["b"] / start["w"] <= xs[i + 1]
+    start_map = np.maximum(start["w"] * x ** start["mu"] - start["b"], 0.0)
+    assert abs(np.mean(start_map > 0) - occupancy) <= 2 / x.size
+    assert np.mean(start_map) == pytest.approx(np.mean(target), rel=1e-6)
+    # and the starting w is the unit the optimiser sees w and b in
+    assert run.stage.config.amplitude == pytest.approx(start["w"], rel=1e-12)

@@ -73,6 +73,7 @@ def table(
     hi_shift: bool = False,
     w_init: float | None = None,
     amplitude: float = 1.0,
+    b_init: float = 0.0,
 ) -> list[ParamSpec]:
     """The parameter table of a target.
 
@@ -93,6 +94,10 @@ def table(
         which the optimiser sees ``w`` and ``b`` (HI: also ``beta1``, ``beta2``, ``eta``), and
         ``w``'s lower bound is ``1e-5 amplitude``. 1 for maps already normalised to O(1) and for
         the reference codes' files, whose optimisers work on unscaled values.
+    b_init : float
+        Stellar only: initial threshold ``b`` of eq 8, in the map's units (default 0, model.md's
+        value). :func:`stellar_start` gives the one that starts the map at the target's
+        occupancy.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -118,7 +123,11 @@ def table(
         out += [
             ParamSpec("w", w_init, a, w_min, doc="amplitude of the stellar transform (eq 8)"),
             ParamSpec("mu", 1.0, 1.0, 0.1, doc="power of 1+delta in eq 8"),
-            ParamSpec("b", 0.0, a, doc="threshold of eq 8"),
+            # b starts at b_init (stellar_start: the target's occupancy), not model.md's 0: a sparse
+            # target (0.6% of cells non-empty at z = 5) needs b ~ 20 w, and Adam moves b by about
+            # the learning rate per step, so from 0 it never got there (72% non-empty after 100
+            # steps, benchmarks/results/fidelity.json, z = 5).
+            ParamSpec("b", float(b_init), a, doc="threshold of eq 8"),
         ]
     elif target == "hi":
         # Initial values keep every term of eqs 13-15 alive (non-zero gradient for each parameter):
@@ -160,7 +169,54 @@ def initial_amplitude(target_sum: float, ncells: int) -> float:
     return max(float(target_sum) / int(ncells), 1e-30)
 
 
-def table_for(config, w_init: float | None = None) -> ParamTable:
+def stellar_start(density_above, mean_excess, occupancy: float, target_mean: float):
+    """Initial ``w`` and ``b`` of eq 8 that start the map at the target's occupancy and mean.
+
+    With ``mu = 1`` and ``x = 1 + delta`` of the stage's input, the threshold ``q`` is the
+    ``(1 - occupancy)`` quantile of ``x`` (the fraction of cells with ``x > q`` is the fraction of
+    non-empty target cells), and ``w`` makes the mean of ``ReLU(w x - b)`` the target's:
+    ``w0 = target_mean / mean(ReLU(x - q))``, ``b0 = w0 q``. A target with every cell non-empty
+    (or a density emptier than the target) gives ``q = 0``: ``b0 = 0`` and ``w0`` the target's
+    mean over the mean of ``x``, model.md's start.
+
+    Parameters
+    ----------
+    density_above : callable
+        ``q -> fraction of cells (of all simulations) with x > q``; global under MPI.
+    mean_excess : callable
+        ``q -> mean over cells of ReLU(x - q)``; global under MPI.
+    occupancy : float
+        Fraction of the target's cells that are non-empty, in (0, 1].
+    target_mean : float
+        The target's mean per cell (> 0).
+
+    Returns
+    -------
+    (w0, b0) : tuple of float
+    """
+    occ = float(occupancy)
+    if not (0.0 < occ <= 1.0) or not (np.isfinite(target_mean) and target_mean > 0):
+        raise ValueError(
+            f"stellar_start: occupancy {occupancy!r} must be in (0, 1] and target mean "
+            f"{target_mean!r} positive"
+        )
+    q = 0.0
+    if density_above(0.0) > occ:
+        lo, hi = 0.0, 1.0
+        while density_above(hi) > occ:  # bracket: the fraction falls to 0 above the densest cell
+            lo, hi = hi, 2.0 * hi
+        for _ in range(60):  # bisection to float precision of the bracket
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if density_above(mid) > occ else (lo, mid)
+        q = hi
+    excess = float(mean_excess(q))
+    if not excess > 0:
+        raise ValueError(f"stellar_start: the input density has no cell above {q}")
+    w0 = float(target_mean) / excess
+    return w0, w0 * q
+
+
+def table_for(config, w_init: float | None = None, b_init: float = 0.0) -> ParamTable:
     """The :class:`ParamTable` of a stage configuration (target, layers, shift, amplitude)."""
     return ParamTable(
         table(
@@ -169,6 +225,7 @@ def table_for(config, w_init: float | None = None) -> ParamTable:
             config.hi_shift,
             w_init,
             getattr(config, "amplitude", 1.0),
+            b_init,
         )
     )
 

@@ -81,6 +81,8 @@ class Stage:
     w_init : float, optional
         Initial ``w`` of the final transform (stellar/HI); default ``config.amplitude``
         (:func:`params.table`).
+    b_init : float
+        Stellar: initial threshold ``b`` of eq 8 (:func:`params.stellar_start`); default 0.
     remat : bool or None
         Rematerialise each displacement layer in the backward pass (``jax.checkpoint``): the
         gradient keeps only each layer's input instead of its meshes, and recomputes the layer's
@@ -95,10 +97,11 @@ class Stage:
         config: StageConfig,
         w_init: float | None = None,
         remat: bool | None = None,
+        b_init: float = 0.0,
     ):
         self.pm = pm
         self.config = config
-        self.table = table_for(config, w_init)
+        self.table = table_for(config, w_init, b_init)
         if remat is None:
             remat = REMAT_DEFAULT and pm.static_key() is not None
         self.remat = bool(remat)
