@@ -527,3 +527,33 @@ def test_mpiexec_train_matches_single_process(inputs, dm_run, tmp_path):
             assert b[k] == pytest.approx(a[k], rel=1e-5), (k, a, b)
     doc = json.loads((out / "params.json").read_text())
     assert doc["provenance"]["engine"]["backend"] == "pmesh"
+
+
+@pytest.mark.parametrize(
+    "where,option,value,expect",
+    [
+        ("flag", "--layers", "0", "option --layers: expected a value > 0, found 0"),
+        ("flag", "--patience", "0", "option --patience: expected a value > 0, found 0"),
+        ("config", "smoothing-n", -1, "option --smoothing-n: expected a value >= 0, found -1"),
+        ("config", "eta0", 0, "option --eta0: expected a value > 0, found 0"),
+    ],
+)
+def test_option_ranges_one_table_for_the_three_commands(tmp_path, where, option, value, expect):
+    """jerald checks its option values with the drop-in commands' table (cli/common.OPTION_RANGES;
+    it had its own copy, which refused --checkpoint-every 0, the end-only checkpoint that
+    jerald-ref accepts and TrainConfig supports), naming the config file when the value came
+    from it."""
+    from jerald_nbk.cli.main import parse
+
+    argv = ["train", "--target", "dm", "--particles", "c", "--target-map", "m", "--out", "o"]
+    if where == "flag":
+        argv += [option, value]
+    else:
+        cfg = tmp_path / "cfg.json"
+        cfg.write_text(json.dumps({option: value}))
+        argv += ["--config", str(cfg)]
+    with pytest.raises(SystemExit) as err:
+        parse(argv)
+    src = f"config file {tmp_path / 'cfg.json'}: " if where == "config" else ""
+    assert str(err.value.code) == f"jerald train: {src}{expect}"
+    assert parse([*argv[:9], "--checkpoint-every", "0"]).checkpoint_every == 0

@@ -319,11 +319,19 @@ OPTION_RANGES = {
     "n": ("ge", 0),
     "snapNum": ("ge", 0),
     "redshift": ("gt", -1),
+    # jerald's own
+    "patience": ("gt", 0),
+    "layers": ("gt", 0),
+    "box_size": ("gt", 0),
+    "dk": ("gt", 0),
+    "smoothing_n": ("ge", 0),
 }
 
 
-def check_option_values(args, dests=None) -> None:
+def check_option_values(args, dests=None, argv=None, cfg_path=None) -> None:
     """Refuse option values of the wrong sign (a negative step count, a zero box...).
+
+    The one range check of the three commands (:data:`OPTION_RANGES`).
 
     Parameters
     ----------
@@ -331,12 +339,16 @@ def check_option_values(args, dests=None) -> None:
     dests : iterable of str, optional
         The options to check (default: every one of :data:`OPTION_RANGES` that ``args`` has);
         unset options (None) pass.
+    argv : list of str, optional
+        The command line: a bad value not given on it came from ``cfg_path``.
+    cfg_path : str or Path, optional
+        The config file the values were read from (``jerald --config``), named in the message.
 
     Raises
     ------
     UsageError
-        Naming the option (``--`` + its dest with ``-`` for ``_``), the expected range and the
-        value found.
+        Naming the option (``--`` + its dest with ``-`` for ``_``; ``--Nmesh`` as spelled), the
+        config file when the value came from it, the expected range and the value found.
     """
     for dest in dests if dests is not None else OPTION_RANGES:
         v = getattr(args, dest, None)
@@ -347,7 +359,9 @@ def check_option_values(args, dests=None) -> None:
         if not ok:
             want = f"a value {'>' if how == 'gt' else '>='} {bound:g}"
             flag = "--" + dest.replace("_", "-")
-            raise UsageError(f"option {flag}: expected {want}, found {v:g}")
+            given = argv is None or any(a == flag or a.startswith(flag + "=") for a in argv)
+            src = f"config file {cfg_path}: " if cfg_path and not given else ""
+            raise UsageError(f"{src}option {flag}: expected {want}, found {v:g}")
 
 
 def say(pm, msg: str, err: bool = False) -> None:

@@ -333,36 +333,14 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-#: options whose values must be positive (> 0) or non-negative (>= 0)
-POSITIVE = (
-    "eta0",
-    "eta_final",
-    "tau",
-    "checkpoint_every",
-    "patience",
-    "layers",
-    "Nmesh",
-    "box_size",
-    "target_scale",
-    "dk",
-)
-NON_NEGATIVE = ("steps", "smoothing_n")
-
-
 def _check_ranges(args: argparse.Namespace, argv, cfg_path) -> None:
-    """Refuse negative or zero values where they make no sense, naming the option and its source."""
-    for dest in (*POSITIVE, *NON_NEGATIVE):
-        v = getattr(args, dest, None)
-        if v is None or isinstance(v, bool) or not isinstance(v, int | float):
-            continue
-        positive = dest in POSITIVE
-        if (v > 0) if positive else (v >= 0):
-            continue
-        flag = "--" + dest.replace("_", "-") if dest != "Nmesh" else "--Nmesh"
-        given = any(a == flag or a.startswith(flag + "=") for a in argv)
-        src = f"config file {cfg_path}: " if cfg_path and not given else ""
-        want = "a value > 0" if positive else "a value >= 0"
-        raise SystemExit(f"jerald {args.command}: {src}option {flag}: expected {want}, found {v:g}")
+    """:func:`~jerald_nbk.cli.common.check_option_values`, as jerald's other usage errors: exit 1."""
+    from .common import UsageError, check_option_values
+
+    try:
+        check_option_values(args, argv=argv, cfg_path=cfg_path)
+    except UsageError as err:
+        raise SystemExit(f"jerald {args.command}: {err}") from None
 
 
 def _train_config(args):
