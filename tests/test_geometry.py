@@ -44,3 +44,15 @@ def test_wrap_positions_stays_below_the_box(dtype):
     # per-axis boxes
     out = wrap_positions(np.array([[11.0, 11.0, 11.0]]), [10.0, 20.0, 5.0])
     assert out.tolist() == [[1.0, 11.0, 1.0]]
+
+
+def test_check_same_box_compares_nmesh_as_whole_numbers():
+    """Nmesh is read by mesh_vector and compared exactly: BoxSize's relative tolerance let
+    2^20 and 2^20 + 1 cells pass as the same mesh, and a malformed Nmesh was not named."""
+    from jerald_nbk.train.validate import check_same_box
+
+    check_same_box({"Nmesh": 64}, "the model", {"Nmesh": [64.0, 64.0, 64.0]}, "map m")
+    with pytest.raises(ValueError, match=r"map m Nmesh 1048577 != the model Nmesh 1048576"):
+        check_same_box({"Nmesh": 2**20}, "the model", {"Nmesh": 2**20 + 1}, "map m")
+    with pytest.raises(ValueError, match=r"map m: Nmesh must be whole numbers >= 1"):
+        check_same_box({"Nmesh": 64}, "the model", {"Nmesh": [64, 64, 0]}, "map m")

@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 
-from ..geometry import BOX_RTOL, box_vector
+from ..geometry import BOX_RTOL, box_vector, mesh_vector
 from ..model.layers import GREEN_ALIASES, GREENS
 from ..model.params import TARGETS
 
@@ -125,25 +125,24 @@ def check_target(target, pm, kind: str, where: str = "target") -> None:
 def check_same_box(
     a_attrs: dict, a_name: str, b_attrs: dict, b_name: str, rtol: float = BOX_RTOL
 ) -> None:
-    """BoxSize (and Nmesh where both have it) of two inputs must agree (within ``rtol``).
+    """BoxSize (within ``rtol``) and Nmesh (exactly) of two inputs must agree, where both have them.
 
-    Each BoxSize is read by :func:`jerald_nbk.geometry.box_vector` (an error naming the input
-    when it is not one or three positive numbers).
+    Each is read by :func:`jerald_nbk.geometry.box_vector` / :func:`~jerald_nbk.geometry.mesh_vector`
+    (an error naming the input when a BoxSize is not one or three positive numbers, or an Nmesh
+    not one or three whole numbers >= 1).
     """
-    for key in ("BoxSize", "Nmesh"):
+    for key, read in (("BoxSize", box_vector), ("Nmesh", mesh_vector)):
         if key in a_attrs and key in b_attrs:
-            if key == "BoxSize":
-                va, vb = box_vector(a_attrs[key], a_name), box_vector(b_attrs[key], b_name)
-            else:
-                va = np.broadcast_to(np.asarray(a_attrs[key], dtype=float), (3,))
-                vb = np.broadcast_to(np.asarray(b_attrs[key], dtype=float), (3,))
-            if not np.allclose(va, vb, rtol=rtol):
+            va, vb = read(a_attrs[key], a_name), read(b_attrs[key], b_name)
+            same = np.allclose(va, vb, rtol=rtol) if key == "BoxSize" else np.array_equal(va, vb)
+            if not same:
                 raise ValueError(f"{b_name} {key} {_fmt(vb)} != {a_name} {key} {_fmt(va)}")
 
 
 def _fmt(v) -> str:
     v = np.asarray(v)
-    return f"{v[0]:g}" if np.all(v == v[0]) else "(" + ", ".join(f"{x:g}" for x in v) + ")"
+    one = (lambda x: str(int(x))) if v.dtype.kind in "iu" else (lambda x: f"{x:g}")
+    return one(v[0]) if np.all(v == v[0]) else "(" + ", ".join(one(x) for x in v) + ")"
 
 
 def _local_real_shape(pm) -> tuple:
