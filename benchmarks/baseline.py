@@ -34,14 +34,14 @@ class NumpyPmeshDMLayer:
     def __init__(self, pos, target, train_mask, Nmesh, BoxSize, dtype="f4", order=6):
         from pmesh.pm import ParticleMesh
 
-        self.pm = ParticleMesh(Nmesh=[Nmesh] * 3, BoxSize=BoxSize, dtype=dtype, resampler="cic")
+        self.ppm = ParticleMesh(Nmesh=[Nmesh] * 3, BoxSize=BoxSize, dtype=dtype, resampler="cic")
         self.pos = np.asarray(pos, dtype=dtype)
         self.n = len(self.pos)
         self.nc = float(Nmesh) ** 3
-        self.target = self.pm.create(type="real", value=np.asarray(target))
+        self.target = self.ppm.create(type="real", value=np.asarray(target))
         self.mask = np.asarray(train_mask)
         self.nmask = self.mask.sum()
-        c = self.pm.create(type="complex")
+        c = self.ppm.create(type="complex")
         kvec = [np.asarray(k, dtype=float) for k in c.x]
         k2 = sum(k**2 for k in kvec)
         self.nonzero = k2 > 0
@@ -53,16 +53,16 @@ class NumpyPmeshDMLayer:
         self.iD = [1j * (45 * np.sin(x) - 9 * np.sin(2 * x) + np.sin(3 * x)) / (30 * h) for x in w]
 
     def _density(self, x):
-        return self.pm.paint(x, mass=1.0) * (self.nc / self.n)
+        return self.ppm.paint(x, mass=1.0) * (self.nc / self.n)
 
     def loss_and_grad(self, alpha, gamma, kh, kl, nu, eps=1e-8):
         """Train loss and its gradient with respect to the 5 physical parameters."""
-        pm, x = self.pm, self.pos
+        ppm, x = self.ppm, self.pos
         k, nz = self.k, self.nonzero
         G = np.where(nz, np.exp(-kh / k - k / kl) * k**nu, 0.0)
         rho = self._density(x)
         base = rho.value + eps
-        f = pm.create(type="real", value=base**gamma)
+        f = ppm.create(type="real", value=base**gamma)
         fk = f.r2c()
         s = np.empty_like(x)
         for d in range(3):
@@ -74,14 +74,14 @@ class NumpyPmeshDMLayer:
         loss = float((r[self.mask] ** 2).sum() / self.nmask)
 
         # dL/dF, then dL/dx' through the paint (readout of dL/dF with the CIC gradient)
-        gF = pm.create(type="real", value=np.where(self.mask, 2 * r / self.nmask, 0.0))
+        gF = ppm.create(type="real", value=np.where(self.mask, 2 * r / self.nmask, 0.0))
         gx2 = np.stack([gF.readout(x2, gradient=d) for d in range(3)], axis=1)
         gx2 *= self.nc / self.n  # pmesh's CIC gradient is already per Mpc/h
         g_alpha = float((gx2 * s).sum())
         # dL/dphi_d = paint of alpha dL/dx'_d at x; then back through the multipliers
         M = None
         for d in range(3):
-            gphi = pm.paint(x, mass=alpha * gx2[:, d]).r2c()
+            gphi = ppm.paint(x, mass=alpha * gx2[:, d]).r2c()
             term = gphi * np.conj(self.iD[d])
             M = term if M is None else M + term
         # the adjoint of f -> c2r(H r2c(f)) is g -> c2r(conj(H) r2c(g)): r2c's 1/Nc and c2r cancel

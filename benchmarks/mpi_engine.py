@@ -198,7 +198,7 @@ def worker(n: int, stages: list[str], reps: int, ops: bool) -> dict:
         timings = {"elementwise_jit": lambda: jax.block_until_ready(ew_j(mesh, cmesh))}
         r2c_j, c2r_j = jax.jit(pm.r2c), jax.jit(pm.c2r)
         real1 = np.asarray(mesh)[..., None]
-        pf_c = pm.pm.create(type="complex").value[..., None].copy()
+        pf_c = pm.ppm.create(type="complex").value[..., None].copy()
         timings |= {
             "r2c": lambda: jax.block_until_ready(r2c_j(mesh)),
             "c2r": lambda: jax.block_until_ready(c2r_j(cmesh)),

@@ -33,7 +33,7 @@ Engines and meshes
 ------------------
 ``pm`` is a JERALD engine (:func:`jerald_nbk.pm.make_pm`): ``backend="jax"`` (one process) or
 ``backend="pmesh"`` (MPI). Meshes may be numpy arrays or pmesh ``RealField`` s; on the pmesh engine
-the operators that make a mesh return a ``RealField`` of ``pm.pm`` (the engine's
+the operators that make a mesh return a ``RealField`` of ``pm.ppm`` (the engine's
 ``pmesh.pm.ParticleMesh``), so vmad's ``vmad.lib.fastpm`` operators (``r2c``, ``c2r``,
 ``apply_transfer``...) can take it; on the JAX engine they return numpy arrays. Every mesh is
 the local part on this rank.
@@ -105,7 +105,7 @@ def _like(result, template=None, pm=None):
     if hasattr(template, "pm") and hasattr(template, "value"):
         return template.pm.create(type="real", value=arr)
     if getattr(pm, "name", None) == "pmesh" and tuple(arr.shape) == tuple(pm.local_real_shape):
-        return pm.pm.create(type="real", value=arr)
+        return pm.ppm.create(type="real", value=arr)
     return arr
 
 

@@ -102,7 +102,7 @@ class ReferenceModel:
         self.nmesh = np.broadcast_to(np.asarray(nmesh, dtype=int), (3,)).copy()
         self.box = np.broadcast_to(np.asarray(boxsize, dtype=float), (3,)).copy()
         self.star_floor_rel = star_floor_rel
-        self.pm = ParticleMesh(
+        self.ppm = ParticleMesh(
             Nmesh=list(self.nmesh), BoxSize=list(self.box), dtype="f8", resampler="cic"
         )
         self.ncells = float(np.prod(self.nmesh))
@@ -130,22 +130,22 @@ class ReferenceModel:
         return np.mod(x, self.box)
 
     def paint(self, x, mass=1.0) -> np.ndarray:
-        return np.array(self.pm.paint(self._wrap(x), mass=mass).value)
+        return np.array(self.ppm.paint(self._wrap(x), mass=mass).value)
 
     def readout(self, a, x) -> np.ndarray:
-        return np.asarray(self.pm.create(type="real", value=a).readout(self._wrap(x)))
+        return np.asarray(self.ppm.create(type="real", value=a).readout(self._wrap(x)))
 
     def readout_grad(self, a, x) -> np.ndarray:
         """d/dx_e of the CIC interpolation of ``a`` at x: (N, 3), per Mpc/h."""
-        f = self.pm.create(type="real", value=a)
+        f = self.ppm.create(type="real", value=a)
         xw = self._wrap(x)
         return np.stack([np.asarray(f.readout(xw, gradient=e)) for e in range(3)], axis=1)
 
     def r2c(self, a) -> np.ndarray:
-        return np.array(self.pm.create(type="real", value=a).r2c().value)
+        return np.array(self.ppm.create(type="real", value=a).r2c().value)
 
     def c2r(self, ck) -> np.ndarray:
-        return np.array(self.pm.create(type="complex", value=ck).c2r().value)
+        return np.array(self.ppm.create(type="complex", value=ck).c2r().value)
 
     def fourier(self, a, kernel) -> np.ndarray:
         return self.c2r(self.r2c(a) * kernel)

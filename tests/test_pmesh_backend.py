@@ -483,7 +483,7 @@ from test_pmesh_backend import catalog, engines, mine, relerr, smoothing_loss, a
 
 comm = MPI.COMM_WORLD
 pp, jp = engines("noncubic", "f8")
-assert list(pp.pm.np) == [4, 1], pp.pm.np  # x slabs
+assert list(pp.ppm.np) == [4, 1], pp.ppm.np  # x slabs
 n = 3000
 pos, mass = catalog(n, pp.BoxSize, seed=15)
 painted = pp.paint(mine(pos), mine(mass))

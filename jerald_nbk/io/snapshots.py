@@ -554,16 +554,16 @@ def paint_slab(pos, weight, nmesh, box, comm) -> tuple[np.ndarray, tuple]:
     """
     import pmesh.pm
 
-    pm = pmesh.pm.ParticleMesh(
+    ppm = pmesh.pm.ParticleMesh(
         Nmesh=list(nmesh), BoxSize=box, dtype="f8", comm=comm, np=[comm.size, 1]
     )
     pos = np.ascontiguousarray(pos, dtype=np.float64)
     weight = np.ascontiguousarray(weight, dtype=np.float64)
     if comm.size > 1:
-        layout = pm.decompose(pos, smoothing=1.0)
-        real = pm.paint(pos, mass=weight, layout=layout, resampler="cic")
+        layout = ppm.decompose(pos, smoothing=1.0)
+        real = ppm.paint(pos, mass=weight, layout=layout, resampler="cic")
     else:
-        real = pm.paint(pos, mass=weight, resampler="cic")
+        real = ppm.paint(pos, mass=weight, resampler="cic")
     return np.asarray(real.value), tuple(real.slices)
 
 

@@ -427,15 +427,15 @@ class PmeshEngine(ParticleMesh):
                 f"{comm.size} ranks need Nmesh[0] and Nmesh[1] >= {comm.size}, got Nmesh "
                 f"{self.Nmesh}"
             )
-        self.pm = pmesh.pm.ParticleMesh(
+        self.ppm = pmesh.pm.ParticleMesh(
             Nmesh=list(self.Nmesh),
             BoxSize=self.BoxSize,
             dtype=self.dtype,
             comm=comm,
             np=[comm.size, 1],
         )
-        real = self.pm.create(type="real")
-        cplx = self.pm.create(type="complex")
+        real = self.ppm.create(type="real")
+        cplx = self.ppm.create(type="complex")
         #: shape of the local slab of a real mesh
         self.local_real_shape = tuple(int(n) for n in real.value.shape)
         #: shape of the local part of a complex mesh
@@ -773,7 +773,7 @@ class PmeshEngine(ParticleMesh):
         return painted, layout.gather(self._comm, grad)
 
     def _field(self, value, kind="real"):
-        return self.pm.create(type=kind, value=value)
+        return self.ppm.create(type=kind, value=value)
 
     def _np_r2c(self, mesh):
         out = np.empty(self.local_complex_shape + (mesh.shape[-1],), self.complex_dtype)
@@ -1030,7 +1030,7 @@ class PmeshEngine(ParticleMesh):
 
         return super().describe() | {
             "ranks": int(self._comm.size),
-            "procmesh": [int(n) for n in self.pm.np],
+            "procmesh": [int(n) for n in self.ppm.np],
             "pmesh": getattr(pmesh, "__version__", "?"),
             "threads": num_threads(),
             "compiled": True,

@@ -133,12 +133,12 @@ def make_targets(
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
-    pm = particle_mesh(int(Nmesh), BoxSize, comm)
+    ppm = particle_mesh(int(Nmesh), BoxSize, comm)
     pm_fine = particle_mesh(2 * int(Nmesh), BoxSize, comm)
-    dm = dm_target(pm, highres_pos, Ntot, z)
+    dm = dm_target(ppm, highres_pos, Ntot, z)
     halos = find_halos(highres_pos, highres_vel, BoxSize, Ntot, z, cosmo, seed, comm, scatter_dex)
-    stellar = stellar_target(pm, halos, z, scatter_dex)
-    hi, diagnostics = hi_target(pm, pm_fine, highres_pos, Ntot, halos, z, cosmo)
+    stellar = stellar_target(ppm, halos, z, scatter_dex)
+    hi, diagnostics = hi_target(ppm, pm_fine, highres_pos, Ntot, halos, z, cosmo)
     return Targets(
         redshift=float(z), dm=dm, stellar=stellar, hi=hi, halos=halos, diagnostics=diagnostics
     )

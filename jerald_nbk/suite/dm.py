@@ -14,19 +14,19 @@ import numpy as np
 from .mesh import TargetMap, paint, target_attrs
 
 
-def dm_density(pm, pos, Ntot: int):
+def dm_density(ppm, pos, Ntot: int):
     """``1 + delta`` of particles: CIC paint of unit masses times ``Ncells / Nparticles``."""
-    field_ = paint(pm, pos)
-    field_[...] *= np.prod(pm.Nmesh) / Ntot
+    field_ = paint(ppm, pos)
+    field_[...] *= np.prod(ppm.Nmesh) / Ntot
     return field_
 
 
-def dm_target(pm, pos, Ntot: int, z: float) -> TargetMap:
-    """The DM truth map on ``pm`` (the output mesh) from this rank's high-resolution particles.
+def dm_target(ppm, pos, Ntot: int, z: float) -> TargetMap:
+    """The DM truth map on ``ppm`` (the output mesh) from this rank's high-resolution particles.
 
     Parameters
     ----------
-    pm : pmesh.pm.ParticleMesh
+    ppm : pmesh.pm.ParticleMesh
         The ``N^3`` output mesh.
     pos : numpy.ndarray
         This rank's high-resolution positions (Mpc/h).
@@ -40,7 +40,7 @@ def dm_target(pm, pos, Ntot: int, z: float) -> TargetMap:
     TargetMap
         ``"dm"``, the whole mesh (identical on every rank) and its attributes.
     """
-    array = dm_density(pm, pos, Ntot).preview()
+    array = dm_density(ppm, pos, Ntot).preview()
     attrs = target_attrs(
         "dm", z, "1+delta (dimensionless)", {"window": "cic", "particles": int(Ntot)}
     )

@@ -170,12 +170,12 @@ def find_halos(pos, vel, BoxSize, Ntot, z, cosmo, seed, comm, scatter_dex=SHMR_S
     )
 
 
-def stellar_target(pm, halos: Halos, z: float, scatter_dex: float) -> TargetMap:
-    """The stellar-mass truth map on ``pm`` (the output mesh): halos' stellar masses, CIC-painted.
+def stellar_target(ppm, halos: Halos, z: float, scatter_dex: float) -> TargetMap:
+    """The stellar-mass truth map on ``ppm`` (the output mesh): halos' stellar masses, CIC-painted.
 
     Parameters
     ----------
-    pm : pmesh.pm.ParticleMesh
+    ppm : pmesh.pm.ParticleMesh
         The ``N^3`` output mesh; each rank paints every ``comm.size``-th halo.
     halos : Halos
         From :func:`find_halos` (identical on every rank).
@@ -189,8 +189,8 @@ def stellar_target(pm, halos: Halos, z: float, scatter_dex: float) -> TargetMap:
     TargetMap
         ``"stellar"`` in ``1e10 Msun/h`` per cell, the whole mesh on every rank.
     """
-    mine = slice(pm.comm.rank, None, pm.comm.size)
-    array = paint(pm, halos.Position[mine], halos.StellarMass[mine]).preview()
+    mine = slice(ppm.comm.rank, None, ppm.comm.size)
+    array = paint(ppm, halos.Position[mine], halos.StellarMass[mine]).preview()
     constants = {
         "shmr": "Moster, Naab & White 2013, MNRAS 428, 3121, eqs 2, 11-14 (Table 1)",
         **{f"moster13_{k}": v for k, v in MOSTER13.items()},

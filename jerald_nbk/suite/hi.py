@@ -194,12 +194,12 @@ def hot_gas_stamps(halos: Halos, Nmesh: int, BoxSize: float, rank: int = 0, size
 # ------------------------------------------------------------------------------------------------
 # the HI map
 # ------------------------------------------------------------------------------------------------
-def hi_target(pm, pm_fine, pos, Ntot: int, halos: Halos, z: float, cosmo):
-    """The HI truth map on ``pm``, computed on ``pm_fine`` (twice as fine) and volume-averaged.
+def hi_target(ppm, pm_fine, pos, Ntot: int, halos: Halos, z: float, cosmo):
+    """The HI truth map on ``ppm``, computed on ``pm_fine`` (twice as fine) and volume-averaged.
 
     Parameters
     ----------
-    pm, pm_fine : pmesh.pm.ParticleMesh
+    ppm, pm_fine : pmesh.pm.ParticleMesh
         The ``N^3`` output mesh and the ``(2N)^3`` mesh the prescription is evaluated on.
     pos : numpy.ndarray
         This rank's high-resolution positions (Mpc/h).
@@ -220,7 +220,7 @@ def hi_target(pm, pm_fine, pos, Ntot: int, halos: Halos, z: float, cosmo):
         On the output mesh: ``gas`` (smoothed ``1 + delta``), ``hot_fraction`` and
         ``wind_suppression`` (used by the tests and the docs).
     """
-    comm = pm.comm
+    comm = ppm.comm
     Omega_m, Omega_b, h = float(cosmo.Om0), float(cosmo.Ob0), float(cosmo.h)
     Nf = int(pm_fine.Nmesh[0])
     BoxSize = float(pm_fine.BoxSize[0])
@@ -259,7 +259,7 @@ def hi_target(pm, pm_fine, pos, Ntot: int, halos: Halos, z: float, cosmo):
     nhi = ((1.0 - f_hot) * nhi_cold + f_hot * nhi_hot) * suppression
 
     norm = hi_normalisation(z, Omega_b, h)
-    array = downsample_array(nhi / norm, pm_fine, pm)
+    array = downsample_array(nhi / norm, pm_fine, ppm)
 
     constants = {
         "model": "fluctuating Gunn-Peterson approximation, optically thin, no self-shielding",
@@ -294,8 +294,8 @@ def hi_target(pm, pm_fine, pos, Ntot: int, halos: Halos, z: float, cosmo):
         {"hi_norm": norm},
     )
     diagnostics = {
-        "gas": downsample_array(gas.value, pm_fine, pm),
-        "hot_fraction": downsample_array(f_hot, pm_fine, pm),
-        "wind_suppression": downsample_array(suppression, pm_fine, pm),
+        "gas": downsample_array(gas.value, pm_fine, ppm),
+        "hot_fraction": downsample_array(f_hot, pm_fine, ppm),
+        "wind_suppression": downsample_array(suppression, pm_fine, ppm),
     }
     return TargetMap("hi", array, attrs), diagnostics

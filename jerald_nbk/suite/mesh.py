@@ -44,13 +44,13 @@ def particle_mesh(Nmesh: int, BoxSize: float, comm):
     return ParticleMesh(Nmesh=[int(Nmesh)] * 3, BoxSize=float(BoxSize), dtype="f8", comm=comm)
 
 
-def paint(pm, pos, mass=1.0, resampler="cic"):
-    """Paint this rank's particles onto ``pm``: a RealField holding the mass per cell."""
+def paint(ppm, pos, mass=1.0, resampler="cic"):
+    """Paint this rank's particles onto ``ppm``: a RealField holding the mass per cell."""
     pos = np.ascontiguousarray(pos, dtype="f8").reshape(-1, 3)
     if not np.isscalar(mass):
         mass = np.ascontiguousarray(mass, dtype="f8")
-    layout = pm.decompose(pos, smoothing=resampler)
-    return pm.paint(pos, mass=mass, resampler=resampler, layout=layout)
+    layout = ppm.decompose(pos, smoothing=resampler)
+    return ppm.paint(pos, mass=mass, resampler=resampler, layout=layout)
 
 
 def downsample(fine, pm_out, chunk: int = 1 << 22):

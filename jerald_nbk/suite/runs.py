@@ -189,9 +189,9 @@ def linear_field(Nmesh: int, BoxSize: float, seed: int, Plin, comm=None):
     """
     from pmesh.pm import ParticleMesh
 
-    pm = ParticleMesh(Nmesh=[Nmesh] * 3, BoxSize=BoxSize, dtype="f8", comm=comm)
-    wn = pm.generate_whitenoise(seed, type="complex", unitary=False)
-    volume = float(np.prod(pm.BoxSize))
+    ppm = ParticleMesh(Nmesh=[Nmesh] * 3, BoxSize=BoxSize, dtype="f8", comm=comm)
+    wn = ppm.generate_whitenoise(seed, type="complex", unitary=False)
+    volume = float(np.prod(ppm.BoxSize))
 
     def tf(k, v):
         kk = sum(ki**2 for ki in k) ** 0.5
@@ -208,10 +208,10 @@ def truncate_field(linear, Nmesh: int):
     """
     from pmesh.pm import ParticleMesh
 
-    pm = ParticleMesh(
+    ppm = ParticleMesh(
         Nmesh=[Nmesh] * 3, BoxSize=linear.pm.BoxSize, dtype=linear.pm.dtype, comm=linear.pm.comm
     )
-    out = pm.create(type="complex")
+    out = ppm.create(type="complex")
     linear.resample(out)
     return out
 
@@ -268,11 +268,11 @@ def run_fastpm(
     from fastpm.core import Solver, leapfrog
 
     t0 = time.perf_counter()
-    pm = linear.pm
-    comm = pm.comm
-    BoxSize = float(pm.BoxSize[0])
-    solver = Solver(pm, cosmo, B=int(force_factor))
-    Q = pm.generate_uniform_particle_grid(shift=0)
+    ppm = linear.pm
+    comm = ppm.comm
+    BoxSize = float(ppm.BoxSize[0])
+    solver = Solver(ppm, cosmo, B=int(force_factor))
+    Q = ppm.generate_uniform_particle_grid(shift=0)
     stages = stages_for(nsteps, redshifts)
     a_start = stages[0]
     state = solver.lpt(linear, Q, a=a_start, order=2)
@@ -280,12 +280,12 @@ def run_fastpm(
     wanted = {1.0 / (1.0 + float(z)): float(z) for z in redshifts}
     result = RunResult(
         name=name,
-        Nparticles_side=int(pm.Nmesh[0]),
-        force_Nmesh=int(pm.Nmesh[0] * force_factor),
+        Nparticles_side=int(ppm.Nmesh[0]),
+        force_Nmesh=int(ppm.Nmesh[0] * force_factor),
         nsteps=int(nsteps),
         stages=stages,
     )
-    ntot = int(np.prod(pm.Nmesh))
+    ntot = int(np.prod(ppm.Nmesh))
 
     bar = None
     if progress and (comm is None or comm.rank == 0):
