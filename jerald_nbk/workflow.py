@@ -406,7 +406,10 @@ def paper_settings(target: str, redshift: float, steps: int = 500, progress: boo
 
 @dataclasses.dataclass
 class PipelineRun:
-    """The three trained stages of :func:`train_pipeline` and the maps they make."""
+    """The three trained stages of :func:`train_pipeline` and the maps they make.
+
+    ``maps``: the maps of the (first) simulation trained on.
+    """
 
     runs: dict
     maps: dict
@@ -415,7 +418,7 @@ class PipelineRun:
 def train_pipeline(
     pm: ParticleMesh,
     pos,
-    targets: dict,
+    targets,
     outdir,
     redshift: float,
     steps: int = 500,
@@ -426,39 +429,42 @@ def train_pipeline(
     """Train DM -> stellar -> HI in order, each with the earlier stages frozen (paper fig 1).
 
     ``targets`` maps ``dm``, ``stellar``, ``hi`` to local target meshes. Stage ``t`` is written to
-    ``outdir / f"train_{t}"``. ``layers`` overrides the paper's layer counts.
+    ``outdir / f"train_{t}"``. ``layers`` overrides the paper's layer counts. Several
+    simulations: ``pos`` a list of particle arrays and ``targets`` a list of such dicts, one per
+    simulation; every stage is fitted to all of them, its loss summed over them
+    (:func:`train_stage` with lists).
     """
     outdir = Path(outdir)
     prov = {"redshift": redshift, **(provenance or {})}
-    runs = {}
+    many = isinstance(pos, list | tuple)
+    sims = list(pos) if many else [pos]
+    tmaps = list(targets) if many else [targets]
+    if len(tmaps) != len(sims):
+        raise ValueError(f"{len(sims)} particle sets but {len(tmaps)} target sets")
+
+    def one_or_all(items):
+        return items if many else items[0]
 
     def settings(t):
         nl, cfg = paper_settings(t, redshift, steps, progress)
         return (layers or nl), cfg
 
-    nl, cfg = settings("dm")
-    runs["dm"] = train_stage(
-        pm, "dm", pos, targets["dm"], outdir / "train_dm", nl, cfg, provenance=prov
-    )
-    improved = runs["dm"].stage.displace(pos, runs["dm"].result.best_raw)
-    nl, cfg = settings("stellar")
-    runs["stellar"] = train_stage(
-        pm,
-        "stellar",
-        improved,
-        targets["stellar"],
-        outdir / "train_stellar",
-        nl,
-        cfg,
-        provenance=prov,
-    )
-    star = runs["stellar"].stage.forward(improved, runs["stellar"].result.best_raw)
-    nl, cfg = settings("hi")
-    runs["hi"] = train_stage(
-        pm, "hi", improved, targets["hi"], outdir / "train_hi", nl, cfg, star=star, provenance=prov
-    )
-    maps = apply_pipeline(runs, pos)
-    return PipelineRun(runs, maps)
+    def fit(t, inputs, star=None):
+        nl, cfg = settings(t)
+        maps = one_or_all([m[t] for m in tmaps])
+        star = None if star is None else one_or_all(star)
+        return train_stage(
+            pm, t, one_or_all(inputs), maps, outdir / f"train_{t}", nl, cfg, star=star,
+            provenance=prov,
+        )  # fmt: skip
+
+    runs = {"dm": fit("dm", sims)}
+    improved = [runs["dm"].stage.displace(p, runs["dm"].result.best_raw) for p in sims]
+    runs["stellar"] = fit("stellar", improved)
+    stellar = runs["stellar"]
+    star = [stellar.stage.forward(x, stellar.result.best_raw) for x in improved]
+    runs["hi"] = fit("hi", improved, star=star)
+    return PipelineRun(runs, apply_pipeline(runs, sims[0]))
 
 
 def apply_pipeline(runs: dict, pos) -> dict:

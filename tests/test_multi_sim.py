@@ -200,3 +200,43 @@ def test_two_pairs_on_the_mpi_engine_match_the_jax_engine(ranks):
     np.testing.assert_allclose(np.asarray(g), np.asarray(ref_g), rtol=1e-8, atol=1e-12)
     fp = run_fingerprint(obj, conf)
     assert "particles 2" in fp["inputs"] and "stellar map 2" in fp["inputs"]
+
+
+def test_pipeline_on_two_simulations_pairs_each_with_its_own_inputs(tmp_path):
+    """workflow.train_pipeline with lists fits every stage to both simulations, each stage's
+    pair i built from simulation i: the DM-improved particles of sim i and, for HI, sim i's own
+    stellar map from the trained stellar stage. Checked through the checkpoints' fingerprints of
+    every pair's inputs (computed here from the trained stages). Catches a star or an input of
+    one simulation paired with the other's target, or a simulation dropped after the DM stage."""
+    import json as _json
+
+    from jerald_nbk.utils import fingerprint_array
+    from jerald_nbk.workflow import train_pipeline
+
+    pm = JaxEngine(N, L, dtype="f8")
+    sims = [_particles(s) for s in (3, 4)]
+    truths = []
+    for s in (13, 14):
+        rho = pm.density(_particles(s))
+        truths.append({"dm": rho, "stellar": jnp.maximum(rho - 1.5, 0.0), "hi": rho**1.2})
+    run = train_pipeline(pm, sims, truths, tmp_path, 2.0, steps=2, layers=1, progress=False)
+    dm, st = run.runs["dm"], run.runs["stellar"]
+    improved = [dm.stage.displace(p, dm.result.best_raw) for p in sims]
+    stars = [st.stage.forward(x, st.result.best_raw) for x in improved]
+    expect = {
+        "dm": {"particles": sims, "target": [t["dm"] for t in truths]},
+        "stellar": {"particles": improved, "target": [t["stellar"] for t in truths]},
+        "hi": {"particles": improved, "target": [t["hi"] for t in truths], "stellar map": stars},
+    }
+    for t, arrays in expect.items():
+        with np.load(tmp_path / f"train_{t}" / "checkpoint.npz") as z:
+            found = _json.loads(bytes(z["fingerprint"]).decode())["inputs"]
+        for name, per_sim in arrays.items():
+            for i, a in enumerate(per_sim):
+                assert found[f"{name} {i + 1}"] == fingerprint_array(a), (t, name, i)
+    # the maps returned are the first simulation's
+    np.testing.assert_allclose(
+        run.maps["hi"],
+        run.runs["hi"].stage.forward(improved[0], run.runs["hi"].result.best_raw, star=stars[0]),
+        rtol=1e-12,
+    )
