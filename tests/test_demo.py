@@ -20,16 +20,19 @@ def test_demo_end_to_end(tmp_path):
     dm = summary["figures_of_merit"]["dm"]
     # the trained DM map correlates with the truth well beyond the fundamental mode
     assert dm["JERALD"]["k_r09"] > 1.0
-    # training improved on the starting point: a later step beats step 0 on validation (the best
-    # is taken over all steps including step 0, so "best <= first" would always hold), the train
-    # loss fell, and every parameter of every stage moved (no dead term of the model)
+    # training improved on the starting point: the kept step is a later one (the selection rule,
+    # train + validation, scores it strictly below step 0), the kept parameters beat step 0 on the
+    # test region, which neither the fit nor the selection sees (validation alone can rise while
+    # the rule still prefers a later step: the stellar stage starts near its target's occupancy
+    # and mean, and on the 32^3 smoke suite its validation loss turns up after a few steps), the
+    # train loss fell, and every parameter of every stage moved (no dead term of the model)
     for t in ("dm", "stellar", "hi"):
         rows = [
             json.loads(x)
             for x in (tmp_path / "demo" / f"train_{t}" / "metrics.jsonl").read_text().splitlines()
         ]
         assert summary["figures_of_merit"][t]["best_step"] > 0, t
-        assert summary["figures_of_merit"][t]["losses"]["validation"] < rows[0]["validation"], t
+        assert summary["figures_of_merit"][t]["losses"]["test"] < rows[0]["test"], t
         assert rows[-1]["train"] < rows[0]["train"], t
         assert np.isfinite(summary["figures_of_merit"][t]["losses"]["test"])
         first, last = rows[0]["params"], rows[-1]["params"]
