@@ -528,8 +528,8 @@ def step_record(
     return rec | {"process_peak_rss_bytes": usage["peak_rss_bytes"]}
 
 
-def train_command_record(n: int, steps: int = 3, timeout: float = 7200) -> dict:
-    """A few-step ``jerald train`` (2-layer DM) at ``n^3`` on synthetic inputs, in a subprocess.
+def train_command_record(n: int, steps: int = 3, timeout: float = 7200, layers: int = 2) -> dict:
+    """A few-step ``jerald train`` (DM, ``layers`` layers) at ``n^3`` on synthetic inputs.
 
     The inputs (a FastPM-layout catalog and a DM target map, :func:`benchmarks.memory.write_inputs`)
     are written by another process into a temporary directory, removed afterwards. Records the
@@ -551,14 +551,14 @@ def train_command_record(n: int, steps: int = 3, timeout: float = 7200) -> dict:
         cmd = [
             sys.executable, "-m", "jerald_nbk.cli.main", "train", "--target", "dm",
             "--particles", inputs["particles"], "--target-map", inputs["target"],
-            "--layers", "2", "--steps", str(steps), "--out", str(out), "--quiet",
+            "--layers", str(layers), "--steps", str(steps), "--out", str(out), "--quiet",
         ]  # fmt: skip
         res, usage = _run_measured(cmd, timeout)
         rec = {
             "name": "jerald_train",
             "N": n,
             "target": "dm",
-            "layers": 2,
+            "layers": layers,
             "steps": steps,
             "returncode": res.returncode,
             "seconds": usage["seconds"],
@@ -577,12 +577,39 @@ def train_command_record(n: int, steps: int = 3, timeout: float = 7200) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def available_bytes() -> int:
+    """This machine's available memory (``MemAvailable`` of /proc/meminfo), in bytes."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
+
+
+def predicted_peak(stage: str, n: int, marginal: list[dict] | None) -> dict | None:
+    """The peak RSS of ``stage``'s step at ``n^3`` predicted from a marginal record, or None.
+
+    ``peak(n2) + b (n^3 - n2^3)`` with ``b`` the marginal bytes per particle between the two
+    sizes of :func:`marginal_records` (without remat, the default), and ``n2`` the larger size.
+    None when ``marginal`` has no record of ``stage``.
+    """
+    for rec in marginal or []:
+        if rec.get("stage") == stage and rec.get("remat") is False and "peak_rss_bytes" in rec:
+            n2 = int(rec["sizes"][1])
+            b = float(rec["marginal_bytes_per_particle"])
+            peak = rec["peak_rss_bytes"][1] + b * (n**3 - n2**3)
+            return {"predicted_peak_rss_bytes": peak, "from": f"marginal {b:.0f} B/particle, "
+                    f"sizes {rec['sizes'][0]} and {n2}"}  # fmt: skip
+    return None
+
+
 def large_records(
     n: int = 512,
     stages=("dm1", "dm2", "stellar", "stellar3", "hi"),
     steps: int = 3,
     train_steps: int = 3,
     remat: bool | None = None,
+    marginal: list[dict] | None = None,
+    train_layers: int = 2,
 ) -> dict:
     """Training steps of every paper model at ``n^3``, each in its own process, and ``jerald train``.
 
@@ -599,13 +626,27 @@ def large_records(
     """
     records = []
     for stage in stages:
+        kind, layers = LARGE_STAGES[stage]
+        head = {"name": f"step_{stage}", "target": kind, "layers": layers, "N": n}
+        guess = predicted_peak(stage, n, marginal) if remat is None else None
+        room = available_bytes()
+        if guess is not None and guess["predicted_peak_rss_bytes"] > room:
+            # not started: the kernel's OOM killer could take other processes with it
+            records.append(head | guess | {"available_bytes": room, "error": (
+                f"not run: predicted peak {guess['predicted_peak_rss_bytes'] / 2**30:.1f} GiB "
+                f"({guess['from']}) above the {room / 2**30:.1f} GiB available")})  # fmt: skip
+            print(f"[bench-large] {stage}: {records[-1]['error']}", flush=True)
+            continue
         print(f"[bench-large] {stage} step at {n}^3", flush=True)
         rec = step_record(stage, n, remat, steps)
-        kind, layers = LARGE_STAGES[stage]
-        records.append({"name": f"step_{stage}", "target": kind, "layers": layers} | rec)
+        records.append(head | (guess or {}) | rec)
         print(f"[bench-large]   {_describe(records[-1])}", flush=True)
-    print(f"[bench-large] jerald train --steps {train_steps} at {n}^3", flush=True)
-    train_rec = train_command_record(n, train_steps)
+    for nl in range(train_layers, 0, -1):  # the most layers predicted to fit
+        guess = predicted_peak(f"dm{nl}", n, marginal)
+        if guess is None or guess["predicted_peak_rss_bytes"] <= available_bytes() or nl == 1:
+            break
+    print(f"[bench-large] jerald train --layers {nl} --steps {train_steps} at {n}^3", flush=True)
+    train_rec = train_command_record(n, train_steps, layers=nl)
     print(f"[bench-large]   {_describe(train_rec)}", flush=True)
     return {
         "N": n,
@@ -686,7 +727,7 @@ MEMORY_GOALS = {"dm1": 100.0, "dm2": 150.0, "stellar": 150.0, "stellar3": 150.0,
 
 
 def marginal_records(
-    sizes=(128, 192), stages=("dm1", "dm2", "stellar", "hi"), remats=(False, True)
+    sizes=(128, 192), stages=("dm1", "dm2", "stellar", "stellar3", "hi"), remats=(False, True)
 ) -> list[dict]:
     """Marginal bytes per particle of training steps between two sizes, with and without remat.
 
@@ -805,7 +846,9 @@ def main(argv=None) -> int:
         return 0
     if args.large:
         remat = {"on": True, "off": False, "default": None}[args.remat]
-        doc = large_records(args.size, remat=remat)
+        old = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        marginal = old.get("large", {}).get("marginal_128_192")  # predicts what fits (see there)
+        doc = large_records(args.size, remat=remat, marginal=marginal)
         merge_into(args.out, "large", str(args.size), doc)
         print(f"[bench-large] wrote large/{args.size} of {args.out}")
         return 0

@@ -40,3 +40,21 @@ def test_step_temporaries_per_particle(target, layers):
         f"{target} {layers}-layer step: {per_particle:.1f} B/particle of temporaries "
         f"> {BOUNDS[target, layers]}"
     )
+
+
+def test_large_run_prediction_uses_the_larger_size_and_the_default_step():
+    """benchmarks.run.predicted_peak extrapolates from the larger measured size with the marginal
+    bytes of the step without remat (what make bench-large runs): starting from the smaller size,
+    or from the remat record, would misjudge whether a 512^3 step fits and either start a run the
+    kernel kills or skip one that fits."""
+    from benchmarks.run import predicted_peak
+
+    marginal = [
+        {"stage": "hi", "remat": True, "sizes": [128, 192], "marginal_bytes_per_particle": 1.0,
+         "peak_rss_bytes": [0, 0]},
+        {"stage": "hi", "remat": False, "sizes": [128, 192], "marginal_bytes_per_particle": 200.0,
+         "peak_rss_bytes": [8e8, 1.9e9]},
+    ]  # fmt: skip
+    got = predicted_peak("hi", 512, marginal)
+    assert got["predicted_peak_rss_bytes"] == pytest.approx(1.9e9 + 200.0 * (512**3 - 192**3))
+    assert predicted_peak("dm1", 512, marginal) is None
