@@ -37,7 +37,7 @@ test-mpi: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
 
-## bench-large: every paper model's training step at SIZE^3 (default 512; e.g. make bench-large SIZE=256), each in its own process, and a few-step `jerald train`; step time and peak RSS under the "large" key of benchmarks/results/latest.json. Not part of `make test` (at 512^3: ~20 GB and tens of minutes)
+## bench-large: every paper model's training step at SIZE^3 (default 512; e.g. make bench-large SIZE=256), each in its own process, and a few-step `jerald train` (each under an address-space limit of the memory available, so that a step too large fails alone); step time and peak RSS under the "large" key of benchmarks/results/latest.json. Not part of `make test` (at 512^3: ~20 GB and tens of minutes)
 SIZE ?= 512
 bench-large: $(STAMP)
 	$(PY) -m benchmarks.run --large --size $(SIZE)

@@ -58,3 +58,18 @@ def test_large_run_prediction_uses_the_larger_size_and_the_default_step():
     got = predicted_peak("hi", 512, marginal)
     assert got["predicted_peak_rss_bytes"] == pytest.approx(1.9e9 + 200.0 * (512**3 - 192**3))
     assert predicted_peak("dm1", 512, marginal) is None
+
+
+def test_large_run_child_is_limited_to_the_memory_given():
+    """A step too large for the machine must fail its own allocation (recorded as an error), not
+    wake the kernel's OOM killer, which may kill other processes: _run_measured's address-space
+    limit reaches the child."""
+    import sys
+
+    from benchmarks.run import _run_measured
+
+    cmd = [sys.executable, "-c", "b = bytearray(3 * 2**30); print('allocated')"]
+    res, _ = _run_measured(cmd, 60, max_address_bytes=2 * 2**30)
+    assert res.returncode != 0 and "MemoryError" in res.stderr
+    res, usage = _run_measured([sys.executable, "-c", "print('small')"], 60, 2 * 2**30)
+    assert res.returncode == 0 and res.stdout.strip() == "small"
