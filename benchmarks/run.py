@@ -657,12 +657,9 @@ def large_records(
         rec = step_record(stage, n, remat, steps, max_address_bytes=room + ADDRESS_SLACK_BYTES)
         records.append(head | (guess or {}) | {"available_bytes": room} | rec)
         print(f"[bench-large]   {_describe(records[-1])}", flush=True)
-    for nl in range(train_layers, 0, -1):  # the most layers predicted to fit
-        guess = predicted_peak(f"dm{nl}", n, marginal)
-        if guess is None or guess["predicted_peak_rss_bytes"] <= available_bytes() or nl == 1:
-            break
-    print(f"[bench-large] jerald train --layers {nl} --steps {train_steps} at {n}^3", flush=True)
-    train_rec = train_command_record(n, train_steps, layers=nl)
+    # under the same address-space limit as the steps (train_command_record): too large fails alone
+    print(f"[bench-large] jerald train --layers {train_layers} --steps {train_steps} at {n}^3")
+    train_rec = train_command_record(n, train_steps, layers=train_layers)
     print(f"[bench-large]   {_describe(train_rec)}", flush=True)
     return {
         "N": n,
