@@ -658,7 +658,7 @@ def large_records(
         records.append(head | (guess or {}) | {"available_bytes": room} | rec)
         print(f"[bench-large]   {_describe(records[-1])}", flush=True)
     # under the same address-space limit as the steps (train_command_record): too large fails alone
-    print(f"[bench-large] jerald train --layers {train_layers} --steps {train_steps} at {n}^3")
+    print(f"[bench-large] jerald train, {train_layers} layers, {train_steps} steps", flush=True)
     train_rec = train_command_record(n, train_steps, layers=train_layers)
     print(f"[bench-large]   {_describe(train_rec)}", flush=True)
     return {
