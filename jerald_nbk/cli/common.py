@@ -377,8 +377,13 @@ def fmt_losses(losses: dict) -> str:
     return ", ".join(f"{k} {losses[k]:.6g}" for k in ("train", "validation", "test") if k in losses)
 
 
-def run_command(prog: str, fn, args) -> int:
-    """Run ``fn(args)``; input errors become one message naming the problem and exit code 1."""
+def run_command(prog: str, fn, args, timed: bool = True) -> int:
+    """Run ``fn(args)``; input errors become one message naming the problem and exit code 1.
+
+    The one runner of the three commands: under MPI it installs the excepthook that ends every
+    rank on any rank's error, and (``timed``, unless ``args.quiet``) rank 0 prints the wall time.
+    A :class:`UsageError` exits with 2.
+    """
     from ..utils import error_exit, install_mpi_excepthook
 
     install_mpi_excepthook()  # under mpiexec: an error on any rank ends every rank
@@ -392,7 +397,7 @@ def run_command(prog: str, fn, args) -> int:
         if isinstance(err, KeyError):
             msg = f"missing entry {msg}"
         return error_exit(f"{prog}: error: {msg}", 1)
-    if not getattr(args, "quiet", False):
+    if timed and not getattr(args, "quiet", False):
         from mpi4py import MPI
 
         if MPI.COMM_WORLD.rank == 0:

@@ -1033,17 +1033,12 @@ def main(argv=None) -> int:
         import jax
 
         jax.config.update("jax_enable_x64", True)
-    from ..utils import error_exit, install_mpi_excepthook
+    from .common import run_command
 
-    install_mpi_excepthook()  # under mpiexec: an error on any rank ends every rank
-    t0 = time.perf_counter()
-    try:
-        rc = COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as err:
-        return error_exit(f"jerald {args.command}: error: {err}", 1)
-    if not getattr(args, "quiet", False) and args.command not in ("info",):
-        print(f"[jerald] {args.command} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return rc
+    # input errors: one message and exit 1; an error on any MPI rank ends every rank
+    return run_command(
+        f"jerald {args.command}", COMMANDS[args.command], args, timed=args.command != "info"
+    )
 
 
 if __name__ == "__main__":
