@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/fidelity")
     args = ap.parse_args(argv)
 
+    from benchmarks.fidelity import diagnostics
     from jerald_nbk import workflow as wf
     from jerald_nbk.analysis.metrics import figures_of_merit
     from jerald_nbk.io import read_mesh
@@ -51,16 +52,13 @@ def main(argv=None) -> int:
     F = np.asarray(r.stage.forward(improved, r.result.best_raw, star=star))
     h = np.asarray(truth)
     fom = figures_of_merit(F, h, pm.BoxSize)
-    k = np.asarray(fom["k"])
-    first = int(np.flatnonzero(np.isfinite(k) & (k > 0))[0])
+    diag = diagnostics(F, h, fom)  # the fidelity report's map diagnostics, same definitions
     rec = {
         "z": args.z,
         "smoothing_n": args.n,
         "steps": args.steps,
         "best_step": r.result.best_step,
-        "empty": float(np.mean(F <= 0)),
-        "mean_ratio": float(F.mean() / h.mean()),
-        "first_bin_ratio": float(np.asarray(fom["ratio"])[first]),
+        **{d: diag[d] for d in ("empty_pred", "mean_ratio", "first_bin_ratio")},
         **{f: float(fom[f]) for f in ("k_10pct", "k_30pct", "k_r09", "k_r07")},
         "run": str(where),
     }
