@@ -284,11 +284,18 @@ LARGE_STAGES = {**STAGES, "stellar3": ("stellar", 3)}
 
 
 def make_step(
-    stage_name: str, n: int, backend: str, box: float = 100.0, pos=None, remat: bool | None = None
+    stage_name: str,
+    n: int,
+    backend: str,
+    box: float = 100.0,
+    pos=None,
+    remat: bool | None = None,
+    **pm_kw,
 ):
     """A training step (loss + gradient) of a stage on synthetic data; returns (step, raw).
 
-    ``stage_name``: a key of :data:`LARGE_STAGES`; ``remat``: ``Stage(remat=...)``.
+    ``stage_name``: a key of :data:`LARGE_STAGES`; ``remat``: ``Stage(remat=...)``; ``pm_kw``:
+    passed to the engine (e.g. ``kernel``, ``chunk`` of :class:`~jerald_nbk.pm.JaxEngine`).
     """
     import jax.numpy as jnp
 
@@ -297,7 +304,7 @@ def make_step(
     from jerald_nbk.testing import zeldovich_particles
     from jerald_nbk.train.loop import Objective, TrainConfig
 
-    pm = make_pm(n, box, backend=backend)
+    pm = make_pm(n, box, backend=backend, **pm_kw)
     if pos is None:
         pos = zeldovich_particles(n, box, seed=0, rms_disp=1.0)
     pos = jnp.asarray(pos)
