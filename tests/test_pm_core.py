@@ -112,6 +112,19 @@ def test_cpp_matches_pure_jax(dtype, rtol):
     )
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_pure_jax_chunk_default_follows_the_device(monkeypatch, backend):
+    # on a GPU the pure-JAX kernels are the only ones and run fastest in big chunks
+    # (benchmarks/results/gpu.json); on a CPU they are the parity path, kept small
+    from jerald_nbk.pm import jax_backend
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    pm = JaxEngine(16, 40.0, kernel="jax")
+    want = jax_backend.GPU_CHUNK if backend == "gpu" else jax_backend.CPU_CHUNK
+    assert pm._cfg.chunk == want
+    assert JaxEngine(16, 40.0, kernel="jax", chunk=777)._cfg.chunk == 777
+
+
 def test_paint_independent_of_thread_count():
     pm = JaxEngine(32, 100.0, kernel="cpp")
     pos = random_particles(100000, 100.0, dtype=np.float32)
