@@ -81,10 +81,14 @@ def _callback(fn, result_shape, *args):
     return _wait(out)
 
 
-def _alltoallv(comm, send, counts, recv_counts):
-    """Exchange the rows of ``send`` (grouped by destination, ``counts`` rows each)."""
+def _alltoallv(comm, send, counts, recv_counts, out=None):
+    """Exchange the rows of ``send`` (grouped by destination, ``counts`` rows each).
+
+    The received rows are written into ``out`` (C-contiguous, ``recv_counts.sum()`` rows) when
+    given, else into a new array; returns it.
+    """
     row = int(np.prod(send.shape[1:], dtype=np.int64))
-    recv = np.empty((int(recv_counts.sum()),) + send.shape[1:], send.dtype)
+    recv = np.empty((int(recv_counts.sum()),) + send.shape[1:], send.dtype) if out is None else out
     sdis = np.concatenate([[0], np.cumsum(counts)[:-1]]) * row
     rdis = np.concatenate([[0], np.cumsum(recv_counts)[:-1]]) * row
     comm.Alltoallv([send, (counts * row, sdis)], [recv, (recv_counts * row, rdis)])
@@ -94,48 +98,60 @@ def _alltoallv(comm, send, counts, recv_counts):
 class _Layout:
     """Where this rank's particles go, and the particles this rank holds for it (routed).
 
-    The rows of a layout are the particles and a ghost copy of those whose CIC window straddles
-    two slabs. Rows whose slab is this rank's stay here (most of them: the *self* rows, first);
-    the others (*foreign*) are sent, grouped by destination, with one ``Alltoallv``.
+    The rows held here are, in order: every local particle, in its own order (a particle whose
+    slab is another rank's keeps its row with a zero weight, so that no row of the common case is
+    gathered by index); the *extra* rows, ghost copies of local particles whose CIC window
+    reaches into this rank's first plane from the previous rank's slab (rare); then the rows
+    received from the other ranks (particles of this slab held there, and their ghosts). A ghost
+    is the copy of a particle in a slab's last plane, for the next slab's first plane.
 
     Attributes
     ----------
     n : int
         Local particles.
-    self_src : int64 array or None
-        The particle of each self row (None: the self rows are the particles, in order).
+    away : int64 array
+        The local particles whose slab is another rank's (their rows here carry zero weight).
+    extra_src : int64 array
+        The particle of each extra row.
     foreign_src : int64 array
-        The particle of each foreign row, in destination order.
+        The particle of each row sent to another rank, in destination order.
     counts, recv_counts : int64 arrays
-        Foreign rows sent to / received from each rank (0 for this rank).
+        Rows sent to / received from each rank (0 for this rank).
     active : bool
         Whether any rank sends a row to another (the same on every rank: the exchanges and
         gathers are collective, all ranks call them or none).
     upos : (M, 3) array
-        Positions of the rows held here (self rows, then those received): x in cells from the
-        padded slab's first (ghost) plane, y and z in Mpc/h.
+        Positions of the rows held here: x in cells from the padded slab's first (ghost) plane
+        (for the zero-weight rows, from their own slab's: any finite value does), y and z in
+        Mpc/h.
     """
 
-    __slots__ = ("n", "self_src", "foreign_src", "counts", "recv_counts", "upos", "active")
+    __slots__ = (
+        "n", "away", "extra_src", "foreign_src", "counts", "recv_counts", "upos", "active"
+    )  # fmt: skip
 
     def exchange(self, comm, data):
         """Rows of ``data`` (one per local particle) for the rows held here."""
-        mine = data if self.self_src is None else data[self.self_src]
-        if not self.active:
-            return np.ascontiguousarray(mine)
-        sent = np.ascontiguousarray(data[self.foreign_src])
-        return np.concatenate([mine, _alltoallv(comm, sent, self.counts, self.recv_counts)])
+        data = np.asarray(data)
+        n, ne = self.n, self.extra_src.size
+        out = np.empty((self.upos.shape[0],) + data.shape[1:], data.dtype)
+        out[:n] = data
+        out[self.away] = 0
+        out[n : n + ne] = data[self.extra_src]
+        if self.active:
+            sent = np.ascontiguousarray(data[self.foreign_src])
+            _alltoallv(comm, sent, self.counts, self.recv_counts, out=out[n + ne :])
+        return out
 
     def gather(self, comm, values):
         """Partial results of the rows held here, summed back onto the local particles."""
-        nself = self.n if self.self_src is None else self.self_src.size
-        if self.self_src is None:
-            out = np.array(values[:nself])
-        else:
-            out = np.zeros((self.n,) + values.shape[1:], values.dtype)
-            out[self.self_src] = values[:nself]
+        n, ne = self.n, self.extra_src.size
+        out = np.array(values[:n])
+        out[self.away] = 0
+        if ne:
+            np.add.at(out, self.extra_src, values[n : n + ne])
         if self.active:
-            back = np.ascontiguousarray(values[nself:])
+            back = np.ascontiguousarray(values[n + ne :])
             back = _alltoallv(comm, back, self.recv_counts, self.counts)
             np.add.at(out, self.foreign_src, back)
         return out
@@ -485,7 +501,7 @@ class PmeshEngine(ParticleMesh):
         x0 = int(self._real_slices[0].start)
         self._x0 = np.array(comm.allgather(x0), dtype=np.int64)
         stops = np.array(comm.allgather(int(self._real_slices[0].stop)), dtype=np.int64)
-        owner = np.empty(nx, dtype=np.int32)
+        owner = np.empty(nx, dtype=np.int64)
         for r, (a, b) in enumerate(zip(self._x0, stops, strict=True)):
             owner[a:b] = r
         self._plane_owner = owner
@@ -632,43 +648,35 @@ class PmeshEngine(ParticleMesh):
 
     def _np_layout(self, pos):
         """Route this rank's particles to the slab(s) their CIC window touches (collective)."""
-        pos = np.asarray(pos)
+        from .. import _cic
+
+        pos = np.ascontiguousarray(pos, dtype=self.dtype)
         n = pos.shape[0]
         nx, rank = self.Nmesh[0], self._comm.rank
-        u = pos[:, 0] * np.float64(nx / self.BoxSize[0])
-        fl = np.floor(u)
-        u -= fl  # the fraction, as the C++ kernel computes it: the same CIC weights
-        i0 = fl.astype(np.int64)
-        outside = (i0 < 0) | (i0 >= nx)
-        if outside.any():  # particles outside the box (rare): wrap
-            i0[outside] %= nx
-        own0 = self._plane_owner[i0]
-        # a particle in the last plane of a slab also paints the next rank's first plane: a ghost
-        # row, whose x is 0 cells from its destination's ghost plane (its own rows: 1..nxl)
-        ghost = np.flatnonzero(self._slab_end[i0])
-        own1 = self._plane_owner[(i0[ghost] + 1) % nx]
-        x_own = (i0 - (self._x0[own0] - 1)) + u
-
-        home = own0 == rank
+        scale_x = float(nx / self.BoxSize[0])
+        # every particle's row (x in cells from its owner's padded slab's ghost plane), the
+        # particles of other slabs and those in a slab's last plane: one C++ pass
+        local, away, ghost = _cic.slab_rows(
+            pos, scale_x, self._plane_owner, self._x0, self._slab_end, rank
+        )
+        # the few particles of other slabs and the ghosts, redone in numpy as the C++ did them:
+        # the owner of the particle's plane, and of the plane after it (a ghost's destination,
+        # where its x is its fraction: 0..1 cells from that slab's ghost plane)
+        ug = pos[ghost, 0] * np.float64(scale_x)
+        flg = np.floor(ug)
+        own1 = self._plane_owner[(flg.astype(np.int64) + 1) % nx]
+        ug -= flg
         ghost_home = own1 == rank
         layout = _Layout()
         layout.n = n
-        if home.all() and not ghost_home.any():
-            layout.self_src = None
-            upos_self = np.empty((n, 3), self.dtype)
-            upos_self[:, 0] = x_own
-            upos_self[:, 1:] = pos[:, 1:]
-        else:
-            layout.self_src = np.concatenate([np.flatnonzero(home), ghost[ghost_home]])
-            upos_self = np.empty((layout.self_src.size, 3), self.dtype)
-            upos_self[:, 0] = np.concatenate([x_own[home], u[ghost[ghost_home]]])
-            upos_self[:, 1:] = pos[layout.self_src, 1:]
-        # foreign rows: particles of other slabs, ghost copies for other ranks; by destination
-        away = np.flatnonzero(~home)
+        layout.away = away
+        layout.extra_src = ghost[ghost_home]
+        # rows sent: particles of other slabs, ghost copies for other ranks; by destination
         gaway = np.flatnonzero(~ghost_home)
-        dest = np.concatenate([own0[away], own1[gaway]])
+        i_away = np.floor(pos[away, 0] * np.float64(scale_x)).astype(np.int64) % nx
+        dest = np.concatenate([self._plane_owner[i_away], own1[gaway]])
         src = np.concatenate([away, ghost[gaway]])
-        xs = np.concatenate([x_own[away], u[ghost[gaway]]])
+        xs = np.concatenate([local[away, 0], ug[gaway]])
         order = np.argsort(dest, kind="stable")
         layout.foreign_src = src[order]
         counts = np.bincount(dest, minlength=self._comm.size).astype(np.int64)
@@ -677,14 +685,17 @@ class PmeshEngine(ParticleMesh):
         recv_counts = np.ascontiguousarray(matrix[:, rank])
         layout.counts, layout.recv_counts = counts, recv_counts
         layout.active = bool(matrix.any())
-        send = np.empty((order.size, 3), self.dtype)
-        send[:, 0] = xs[order]
-        send[:, 1:] = pos[layout.foreign_src, 1:]
+        ne = layout.extra_src.size
+        upos = np.empty((n + ne + int(recv_counts.sum()), 3), self.dtype)
+        upos[:n] = local
+        upos[n : n + ne, 0] = ug[ghost_home]
+        upos[n : n + ne, 1:] = pos[layout.extra_src, 1:]
         if layout.active:
-            upos_self = np.concatenate(
-                [upos_self, _alltoallv(self._comm, send, counts, recv_counts)]
-            )
-        layout.upos = upos_self
+            send = np.empty((order.size, 3), self.dtype)
+            send[:, 0] = xs[order]
+            send[:, 1:] = pos[layout.foreign_src, 1:]
+            _alltoallv(self._comm, send, counts, recv_counts, out=upos[n + ne :])
+        layout.upos = upos
         handle = self._next_handle
         self._next_handle = (handle + 1) % (2**31 - 1)
         self._layouts[handle] = layout
