@@ -21,7 +21,7 @@ driver repeats every process ``--repeat`` times and records the median of those 
 Usage::
 
     python -m benchmarks.mpi_engine [--sizes 128,256] [--stages dm1,stellar,hi] [--reps 3]
-        [--repeat 3] [--timeout 900] [--out benchmarks/results/mpi_engine.json]
+        [--repeat 3] [--timeout 900] [--bind core] [--out benchmarks/results/mpi_engine.json]
 """
 
 from __future__ import annotations
@@ -122,13 +122,13 @@ def worker(n: int, stages: list[str], reps: int, ops: bool) -> dict:
 
     plain = pb._alltoallv
 
-    def counted(c, send, counts, recv_counts):
+    def counted(c, send, counts, recv_counts, out=None):
         row = int(np.prod(send.shape[1:], dtype=np.int64)) * send.dtype.itemsize
         mine = np.asarray(counts).copy()
         mine[c.rank] = 0  # rows kept on this rank are not communication
         counter["bytes"] += int(mine.sum()) * row
         counter["calls"] += 1
-        return plain(c, send, counts, recv_counts)
+        return plain(c, send, counts, recv_counts, out=out)
 
     # time spent in each kind of callback during one step (rank 0's), by wrapping the engine's
     # numpy kernels on this instance
@@ -305,11 +305,15 @@ def driver(args) -> dict:
     mpiexec = str(Path(sys.executable).parent / "mpiexec")
     sizes = [int(s) for s in args.sizes.split(",")]
     stages = args.stages.split(",")
+    # each rank pinned to its own core (MPICH's hydra): unpinned ranks migrate between cores and
+    # lose their caches, 10-30 % of an FFT's time measured here
+    bind = [] if args.bind == "none" else ["-bind-to", args.bind]
     result: dict = {
         "what": "pmesh engine (compiled) training step and unit costs, float32; see module doc",
         "command": "python -m benchmarks.mpi_engine " + " ".join(sys.argv[1:]),
         "machine": machine_info(),
         "jerald_reference_anchor": JERALD_REFERENCE,
+        "mpiexec_binding": args.bind,
         "sizes": {},
     }
     for n in sizes:
@@ -318,7 +322,15 @@ def driver(args) -> dict:
         runs: dict = {"pmesh_1rank": [], "pmesh_2ranks": [], "jax_1thread": [], "jax_2threads": []}
         for rep in range(args.repeat):
             for key, ranks in (("pmesh_1rank", 1), ("pmesh_2ranks", 2)):
-                cmd = [mpiexec, "-n", str(ranks), sys.executable, "-m", "benchmarks.mpi_engine"]
+                cmd = [
+                    mpiexec,
+                    *bind,
+                    "-n",
+                    str(ranks),
+                    sys.executable,
+                    "-m",
+                    "benchmarks.mpi_engine",
+                ]
                 cmd += ["--worker", *common] + (["--ops"] if rep == 0 else [])
                 runs[key].append(_launch(cmd, env | ONE_THREAD, args.timeout))
             jcmd = [sys.executable, "-m", "benchmarks.mpi_engine", "--jax-worker", *common]
@@ -376,6 +388,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per launched process")
     ap.add_argument("--out", type=Path, default=RESULTS / "mpi_engine.json")
+    ap.add_argument(
+        "--bind", default="core", help="mpiexec -bind-to of the ranks ('none': unpinned)"
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--jax-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ops", action="store_true", help=argparse.SUPPRESS)
