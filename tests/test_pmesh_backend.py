@@ -546,3 +546,56 @@ def test_four_ranks_match_jax_engine(tmp_path):
     assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
     assert "RANKS 4" in proc.stdout, proc.stdout
     print(proc.stdout.strip(), f"({elapsed:.1f} s)")
+
+
+BOUND_SCRIPT = """
+import sys
+import numpy as np
+import jax.numpy as jnp
+from mpi4py import MPI
+from jerald_nbk.pm import PmeshEngine
+
+comm = MPI.COMM_WORLD
+pm = PmeshEngine(32, 100.0, dtype="f4", comm=comm)
+rng = np.random.default_rng(comm.rank)
+pos = jnp.asarray(rng.uniform(0.0, 100.0, ({n}, 3)).astype(np.float32))
+eager = float(pm.sum(pm.density(pos)))
+compiled = float(pm.jit(lambda p: pm.sum(pm.density(p)))(pos))
+if comm.rank == 0:
+    print("SUMS", eager, compiled, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_eager_and_compiled_paint_of_many_particles_on_ranks_bound_to_cores(tmp_path):
+    # Eagerly, JAX ran each callback on one of XLA's threads with arguments whose host copies
+    # could still be queued; a rank bound to one core (mpiexec -bind-to core) then waited for
+    # itself. 8M particles per rank were enough (2M were not): the run hung until killed.
+    if COMM.size > 1:
+        pytest.skip("launches its own mpiexec; run from a single-process pytest")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores to bind two ranks to")
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        pytest.skip("no mpiexec next to the interpreter nor on PATH")
+    script = tmp_path / "bound.py"
+    script.write_text(BOUND_SCRIPT.format(n=8_000_000))
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
+    env["OMP_NUM_THREADS"] = "1"
+    try:
+        proc = subprocess.run(
+            [mpiexec, "-bind-to", "core", "-n", "2", sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=env,
+            cwd=str(tmp_path),
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("mpiexec -bind-to core -n 2: the paint of 8M particles per rank hung")
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    sums = [float(v) for v in proc.stdout.split("SUMS", 1)[1].split()[:2]]
+    # 1 + delta has mean 1: its sum over the 32^3 cells is their number, eager and compiled
+    assert sums == pytest.approx([32.0**3, 32.0**3], rel=1e-5)

@@ -67,12 +67,25 @@ _TOKEN = jax.ShapeDtypeStruct((1,), np.int8)
 
 
 def _callback(fn, result_shape, *args):
-    """Ordered ``io_callback`` of ``fn`` (numpy in, numpy out), waited for when run eagerly.
+    """``fn`` (numpy in, numpy out) as an ordered ``io_callback`` when traced; called directly
+    (on this thread, its result made a JAX array) when every argument is concrete.
 
-    A one-element token output keeps every callback alive on every rank: XLA may replace an
-    operation whose outputs are all empty by a constant, and a rank holding no particles would then
-    skip a readout, and with it the collectives the other ranks wait in.
+    Eagerly, JAX would run the callback on one of XLA's threads and hand it arguments whose copies
+    may still be queued; reading one waits for a thread that the callback itself holds when the
+    process is bound to one core (``mpiexec -bind-to core``): a deadlock, seen at 256^3. Called
+    directly, the calls follow the program's order, as the ordered callbacks do under ``jit``.
+
+    A one-element token output keeps every traced callback alive on every rank: XLA may replace
+    an operation whose outputs are all empty by a constant, and a rank holding no particles would
+    then skip a readout, and with it the collectives the other ranks wait in.
     """
+    if not any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(args)):
+        out = fn(*(np.asarray(a) for a in args))
+        return jax.tree_util.tree_map(
+            lambda o, s: jnp.asarray(np.asarray(o, dtype=s.dtype).reshape(s.shape)),
+            out,
+            result_shape,
+        )
 
     def with_token(*a):
         return fn(*a), np.zeros(1, np.int8)
