@@ -88,8 +88,7 @@ def child_units(n: int, chunk: int, reps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.run import _block, median_time
-    from jerald_nbk.model import layers
+    from benchmarks.run import _block, layer_fwd_vjp, median_time
     from jerald_nbk.pm import JaxEngine
 
     pm = JaxEngine(n, BOX, kernel="jax", chunk=chunk)
@@ -99,14 +98,7 @@ def child_units(n: int, chunk: int, reps: int) -> dict:
     fft = jax.jit(jnp.fft.rfftn)
     paint = jax.jit(pm.paint)
     readout = jax.jit(pm.readout)
-    params = jnp.array([0.02, 0.8, 0.5, 5.0, -0.5], jnp.float32)
-    ct = jnp.ones_like(pos)
-
-    def fwd_vjp(p, x):
-        y, vjp = jax.vjp(lambda p, x: layers.displacement_layer(pm, x, *p), p, x)
-        return y, vjp(ct)
-
-    layer = jax.jit(fwd_vjp)
+    layer, params = layer_fwd_vjp(pm, pos)
     times = {
         "rfftn": median_time(lambda: _block(fft(mesh)), reps),
         "paint_1ch": median_time(lambda: _block(paint(pos)), reps),

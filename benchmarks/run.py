@@ -89,7 +89,6 @@ def pm_core_records(n: int, reps: int, box: float = 100.0) -> list[dict]:
     import jax.numpy as jnp
     from pmesh.pm import ParticleMesh
 
-    from jerald_nbk.model import layers
     from jerald_nbk.pm import JaxEngine
     from jerald_nbk.pm.jax_backend import num_threads
     from jerald_nbk.testing import zeldovich_particles
@@ -128,17 +127,7 @@ def pm_core_records(n: int, reps: int, box: float = 100.0) -> list[dict]:
             )
         if kernel == "jax" and n > 128:
             continue  # the pure-JAX scatter is the GPU/parity path; skip its slow big-mesh layer
-        params = jnp.array([0.02, 0.8, 0.5, 5.0, -0.5], jnp.float32)
-        ct = jnp.ones_like(pos)
-
-        def layer(p, x, pm=pm):
-            return layers.displacement_layer(pm, x, *p, green="dm", order=6)
-
-        def fwd_vjp(p, x, layer=layer, ct=ct):
-            y, vjp = jax.vjp(layer, p, x)
-            return y, vjp(ct)
-
-        step = jax.jit(fwd_vjp)
+        step, params = layer_fwd_vjp(pm, pos, green="dm", order=6)
         t_l = median_time(lambda step=step, params=params: _block(step(params, pos)), reps)
         extra = {}
         if kernel == "cpp":
@@ -175,6 +164,28 @@ def pm_core_records(n: int, reps: int, box: float = 100.0) -> list[dict]:
         }
     )
     return out
+
+
+def layer_fwd_vjp(pm, pos, **layer_kw):
+    """One displacement layer's forward + VJP (cotangent: ones) on ``pm``, jitted.
+
+    Returns ``(fn, params)``: ``fn(params, positions)`` gives the new positions and the
+    cotangents of (params, positions); ``params`` are fixed, typical values. ``layer_kw`` goes to
+    :func:`jerald_nbk.model.layers.displacement_layer` (``green``, ``order``).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jerald_nbk.model import layers
+
+    params = jnp.array([0.02, 0.8, 0.5, 5.0, -0.5], jnp.float32)
+    ct = jnp.ones_like(pos)
+
+    def fwd_vjp(p, x):
+        y, vjp = jax.vjp(lambda p, x: layers.displacement_layer(pm, x, *p, **layer_kw), p, x)
+        return y, vjp(ct)
+
+    return jax.jit(fwd_vjp), params
 
 
 def unit_times(pm, pos, reps: int) -> dict:
@@ -692,7 +703,6 @@ def speed_records(n: int = 128, reps: int = 5, box: float = 100.0) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jerald_nbk.model import layers
     from jerald_nbk.pm import JaxEngine
     from jerald_nbk.testing import zeldovich_particles
 
@@ -701,14 +711,7 @@ def speed_records(n: int = 128, reps: int = 5, box: float = 100.0) -> dict:
     mesh = jnp.asarray(np.random.default_rng(0).random((n, n, n)).astype(np.float32))
     t_fft = median_time(lambda: _block(jax.jit(jnp.fft.rfftn)(mesh)), reps)
     units = unit_times(pm, pos, reps)
-    params = jnp.array([0.02, 0.8, 0.5, 5.0, -0.5], jnp.float32)
-    ct = jnp.ones_like(pos)
-
-    def fwd_vjp(p, x):
-        y, vjp = jax.vjp(lambda p, x: layers.displacement_layer(pm, x, *p), p, x)
-        return y, vjp(ct)
-
-    layer = jax.jit(fwd_vjp)
+    layer, params = layer_fwd_vjp(pm, pos)
     t_layer = median_time(lambda: _block(layer(params, pos)), reps)
     b_layer = breakdown(layer.lower(params, pos).compile().as_text(), units, t_layer, t_fft)
     _print_breakdown(f"layer forward + VJP at {n}^3", b_layer)
