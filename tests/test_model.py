@@ -414,3 +414,33 @@ def test_green_kinds_are_named_by_their_cut_offs_and_old_names_still_read():
     kk = k[i]
     assert a[i] == pytest.approx(np.exp(-0.5 / kk - kk / 3.0) / kk, rel=1e-12)
     assert b[i] == pytest.approx(np.exp(-((0.5 / kk) ** 2) - (kk / 3.0) ** 2) / kk, rel=1e-12)
+
+
+@pytest.mark.parametrize("as_jax", [False, True])
+def test_position_checks_in_chunks_see_every_row(monkeypatch, as_jax):
+    # check_in_box reads the positions in chunks (its float64 temporaries of a whole 512^3
+    # catalog took 14 GB): a far position, a NaN and the range must be found in any chunk,
+    # from numpy or JAX arrays alike
+    import warnings
+
+    from jerald_nbk.train import validate
+
+    monkeypatch.setattr(validate, "_CHECK_CHUNK", 7)
+    pm = JaxEngine(8, 10.0)
+    pos = np.random.default_rng(0).uniform(0, 10, (50, 3)).astype(np.float32)
+    pos[23, 1] = -15.0  # 1.5 box lengths below: warned
+    pos[41, 2] = 37.0  # 2.7 above: warned; the maximum
+    arr = jnp.asarray(pos) if as_jax else pos
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        validate.check_particles(arr, pm, "cat")
+    msgs = [str(w.message) for w in caught if issubclass(w.category, validate.FarOutsideBoxWarning)]
+    assert len(msgs) == 1 and "2 positions" in msgs[0] and "[-15, 37]" in msgs[0], msgs
+    pos[48, 0] = 150.0  # 14 box lengths: refused, from the last chunk
+    arr = jnp.asarray(pos) if as_jax else pos
+    with pytest.raises(ValueError, match="1 more than 10 box lengths"):
+        validate.check_particles(arr, pm, "cat")
+    pos[3, 0] = np.nan
+    arr = jnp.asarray(pos) if as_jax else pos
+    with pytest.raises(ValueError, match="cat: Position has 1 non-finite"):
+        validate.check_particles(arr, pm, "cat")
