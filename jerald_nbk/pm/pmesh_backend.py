@@ -49,20 +49,6 @@ from ..utils import fault_point
 from . import fourier
 from .base import ParticleMesh
 
-
-def _wait(tree):
-    """Block until the concrete arrays of ``tree`` are computed (no-op on tracers).
-
-    Outside ``jit`` every operation is dispatched on its own; an eager callback that holds MPI
-    collectives must finish before the next one (or a direct MPI call such as
-    :meth:`PmeshEngine.count`) starts, whatever JAX's asynchronous dispatch does.
-    """
-    for leaf in jax.tree_util.tree_leaves(tree):
-        if not isinstance(leaf, jax.core.Tracer):
-            leaf.block_until_ready()
-    return tree
-
-
 _TOKEN = jax.ShapeDtypeStruct((1,), np.int8)
 
 
@@ -91,7 +77,7 @@ def _callback(fn, result_shape, *args):
         return fn(*a), np.zeros(1, np.int8)
 
     out, _ = io_callback(with_token, (result_shape, _TOKEN), *args, ordered=True)
-    return _wait(out)
+    return out
 
 
 def _alltoallv(comm, send, counts, recv_counts, out=None):
