@@ -18,6 +18,7 @@ from jerald_nbk.io import (
     sidecar_path,
     write_catalog,
     write_mesh,
+    write_mesh_slab,
 )
 
 
@@ -566,6 +567,84 @@ def test_mpi_workflow_read_map_reads_only_its_slab(tmp_path, monkeypatch):
     assert sum(stop - start for start, stop in asked) == rows
     assert all(sl.start * 24 <= a and b <= sl.stop * 24 for a, b in asked)
     assert list(attrs["Nmesh"]) == [8, 6, 4]
+
+
+# ------------------------------------------------------------ slab writes (issue 13, item 3)
+
+
+@pytest.mark.parametrize("name", ["m", "m.npy"])
+def test_write_mesh_slab_parts_make_the_whole_file(tmp_path, name):
+    """Parts written one after another through ``write_mesh_slab``'s runs give, byte for byte
+    in values, the file ``write_mesh`` writes for the whole mesh: x slabs, a 2-D (x, y)
+    decomposition (one run per plane) and a part cut in z (one run per row)."""
+    from jerald_nbk.io.meshes import _c_order_runs
+
+    arr = random_mesh((6, 5, 4), np.float32, seed=31)
+    for sl in (
+        (slice(2, 5), slice(0, 5), slice(0, 4)),
+        (slice(1, 4), slice(2, 5), slice(0, 4)),
+        (slice(0, 2), slice(1, 3), slice(1, 3)),
+    ):
+        flat = np.full(arr.size, np.nan, np.float32)
+        for offset, run in _c_order_runs(arr[sl], sl, arr.shape):
+            flat[offset : offset + run.size] = run
+        want = np.full(arr.shape, np.nan, np.float32)
+        want[sl] = arr[sl]
+        np.testing.assert_array_equal(flat.reshape(arr.shape), want)
+    # on one process the whole-mesh call and the slab call write the same file
+    write_mesh(tmp_path / ("a" + name), arr, 3.0, attrs={"units": "x"})
+    full = tuple(slice(0, n) for n in arr.shape)
+    write_mesh_slab(tmp_path / ("b" + name), arr, full, arr.shape, 3.0, attrs={"units": "x"})
+    a, attrs_a = read_mesh(tmp_path / ("a" + name))
+    b, attrs_b = read_mesh(tmp_path / ("b" + name))
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == b.dtype == np.float32 and attrs_b["units"] == "x"
+    assert attrs_b["Nmesh"].tolist() == [6, 5, 4]
+
+
+def test_write_mesh_slab_refuses_a_part_that_does_not_match_its_slices(tmp_path):
+    arr = random_mesh((6, 5, 4), np.float32, seed=32)
+    with pytest.raises(ValueError, match=r"part of shape \(2, 5, 4\).*need \(3, 5, 4\)"):
+        write_mesh_slab(
+            tmp_path / "m", arr[:2], (slice(0, 3),) * 1 + (slice(None),) * 2, arr.shape, 1.0
+        )
+    with pytest.raises(ValueError, match="2 or 3 axes"):
+        write_mesh_slab(tmp_path / "m", arr[0, 0], (slice(0, 4),), (4,), 1.0)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("name", ["m", "m.npy"])
+def test_mpi_write_mesh_slab_no_rank_holds_the_mesh(tmp_path, name):
+    """Every rank writes its own part (the pmesh engine's x slabs, and pmesh's default 2-D
+    decomposition on 4 ranks): the file is the whole mesh. A bad part on one rank is an error on
+    every rank and leaves no file."""
+    from mpi4py import MPI
+    from pmesh.pm import ParticleMesh
+
+    from jerald_nbk.pm import PmeshEngine
+
+    comm = MPI.COMM_WORLD
+    root = _shared_dir(comm, tmp_path)
+    arr = random_mesh((8, 6, 4), np.float64, seed=33)
+    pm = PmeshEngine((8, 6, 4), 5.0, dtype="f8", comm=comm)
+    sl = pm.local_slices("real")
+    path = os.path.join(root, name)
+    write_mesh_slab(path, arr[sl], sl, arr.shape, 5.0, attrs={"map": "dm"}, comm=comm)
+    back, attrs = read_mesh(path)
+    np.testing.assert_array_equal(back, arr)
+    assert attrs["map"] == "dm"
+    ppm = ParticleMesh(Nmesh=[8, 6, 4], BoxSize=5.0, dtype="f8", comm=comm)  # pmesh's own cut
+    sl2 = tuple(ppm.create(type="real").slices)
+    path2 = os.path.join(root, "2d" + name)
+    write_mesh_slab(path2, arr[sl2], sl2, arr.shape, 5.0, comm=comm)
+    np.testing.assert_array_equal(read_mesh(path2)[0], arr)
+    bad = arr[sl] if comm.rank == 0 else arr[sl][:, :2]
+    path3 = os.path.join(root, "bad" + name)
+    with pytest.raises(ValueError, match="part of shape"):
+        write_mesh_slab(path3, bad, sl, arr.shape, 5.0, comm=comm)
+    comm.Barrier()
+    assert not os.path.exists(path3)
 
 
 # ------------------------------------------- metadata carried from inputs to outputs (issue 12)

@@ -425,3 +425,42 @@ def test_float32_positions_stay_in_box():
     out = suite_build._f4_positions(pos, L)
     assert out.dtype == np.float32
     assert out.min() >= 0 and out.max() < L
+
+
+# --------------------------------------------------------------------------------------------------
+# MPI: no rank holds a whole target map (issue 13, item 3)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.mpi(min_size=2)
+def test_mpi_targets_are_parts_of_the_one_process_maps():
+    """On several ranks ``make_targets`` gives each rank its own part of every map (and of the HI
+    diagnostics), equal to that part of the maps one process makes from the same particles; the
+    parts tile the mesh, and none is the whole mesh."""
+    from mpi4py import MPI
+
+    from jerald_nbk.suite.runs import sherwood_cosmology
+    from jerald_nbk.testing import zeldovich_particles
+
+    comm = MPI.COMM_WORLD
+    N, L = 16, 40.0
+    pos = zeldovich_particles(2 * N, L, seed=3, rms_disp=0.5, dtype=np.float64)
+    rng = np.random.default_rng(4)  # 20 compact clumps of 200 particles: FOF halos
+    centres = rng.uniform(0, L, (20, 3))
+    pos[: 20 * 200] = np.repeat(centres, 200, axis=0) + rng.normal(0, 0.1, (20 * 200, 3))
+    pos = np.mod(pos, L)
+    vel = np.zeros_like(pos)
+    args = (len(pos), N, L, 0.0, sherwood_cosmology(), SEED)
+    whole = suite_build.make_targets(pos, vel, *args, comm=MPI.COMM_SELF)
+    mine = slice(comm.rank, None, comm.size)
+    parts = suite_build.make_targets(pos[mine], vel[mine], *args, comm=comm)
+    assert len(whole.halos.Mass) > 0  # the stellar map is not empty
+    cells = 0
+    for name in ("dm", "stellar", "hi"):
+        w, p = getattr(whole, name), getattr(parts, name)
+        assert p.shape == (N, N, N) and p.array.shape != (N, N, N)
+        scale = np.abs(w.array).max()
+        np.testing.assert_allclose(p.array, w.array[p.slices], rtol=1e-9, atol=1e-12 * scale)
+        if name == "hi":
+            for key, value in parts.diagnostics.items():
+                np.testing.assert_allclose(value, whole.diagnostics[key][p.slices], atol=1e-10)
+        cells += p.array.size
+    assert comm.allreduce(cells) == 3 * N**3

@@ -220,20 +220,23 @@ def map_path(path, fmt: str = "bigfile") -> Path:
 
 
 def write_map(pm, local, path, attrs: dict, fmt: str = "bigfile", overwrite: bool = False) -> Path:
-    """Write a local mesh as a whole-mesh file (rank 0, atomically): bigfile dir or ``.npy``.
+    """Write a local mesh as one whole-mesh file (bigfile dir or ``.npy``), atomically.
 
-    An existing path that is not a previous output of ours is an error unless ``overwrite``
-    (:func:`jerald_nbk.io.write_mesh`).
+    On the MPI engine every rank writes its own slab (:func:`jerald_nbk.io.write_mesh_slab`):
+    no rank assembles the mesh. An existing path that is not a previous output of ours is an
+    error unless ``overwrite``.
     """
-    from .. import workflow as wf
-    from ..io import write_mesh
-    from ..utils import root_only
+    from ..io import write_mesh_slab
 
     path = map_path(path, fmt)
-    full = wf.to_global(pm, local)
-    with root_only(pm.comm, f"writing {path}") as root:
-        if root:
-            write_mesh(path, np.asarray(full), pm.BoxSize, attrs, overwrite=overwrite)
+    local = np.asarray(local)
+    shape = tuple(int(n) for n in pm.Nmesh)
+    if hasattr(pm, "local_slices"):
+        slices = pm.local_slices("real")
+    else:
+        slices = tuple(slice(0, n) for n in shape)
+    comm = getattr(pm, "comm", None)
+    write_mesh_slab(path, local, slices, shape, pm.BoxSize, attrs, comm=comm, overwrite=overwrite)
     return path
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "check_mesh_output",
     "inherited_attrs",
     "read_mesh_slab",
+    "write_mesh_slab",
 ]
 
 #: attributes a real mesh always carries (nbodykit's BigFileMesh needs all three)
@@ -116,17 +117,117 @@ def write_mesh(
     if comm is not None and comm.size > 1:
         _on_root(comm, lambda: write_mesh(path, array, BoxSize, attrs, dataset, None, overwrite))
         return
+    arr = _check_array(array, f"mesh {path}")
+    full = tuple(slice(0, n) for n in arr.shape)
+    write_mesh_slab(path, arr, full, arr.shape, BoxSize, attrs, dataset, None, overwrite)
 
+
+def write_mesh_slab(
+    path,
+    part,
+    slices,
+    shape,
+    BoxSize,
+    attrs: Mapping | None = None,
+    dataset: str = "Field",
+    comm=None,
+    overwrite: bool = False,
+) -> None:
+    """Write a mesh from every rank's own part, collectively: no rank holds the whole mesh.
+
+    The file is what :func:`write_mesh` writes for the assembled mesh (same layout, attributes
+    and atomicity). A bigfile block is created by rank 0 and each rank writes its part at its
+    offsets (``bigfile.FileMPI``); a ``.npy`` file is created by rank 0 at its full size and each
+    rank writes its part through a memory map. For a pmesh engine pass
+    ``pm.local_slices("real")``; the inverse is :func:`read_mesh_slab`.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output bigfile directory, or a file name ending in ``.npy``.
+    part : array_like
+        This rank's part ``mesh[slices]`` (float32 or float64, the same dtype on every rank).
+    slices : tuple of slices
+        Where ``part`` lies in the whole mesh (steps of 1); the ranks' parts must tile it.
+    shape : tuple of ints
+        The whole mesh's shape (2 or 3 axes).
+    BoxSize, attrs, dataset, overwrite
+        As for :func:`write_mesh` (the same on every rank).
+    comm : MPI communicator, optional
+        Every rank of ``comm`` calls this. An error on any rank (a bad part, an unwritable path,
+        a failed write) is raised on every rank and nothing is left at ``path``.
+
+    Raises
+    ------
+    ValueError
+        Bad part, slices, BoxSize or attributes; nothing is written.
+    ForeignOutputError
+        ``path`` holds something that is not a previous output of ours; it is left untouched.
+    """
     path = Path(path)
     where = f"mesh {path}"
-    arr = _check_array(array, where)
-    box = box_vector(BoxSize, where, ndim=arr.ndim)
+    prepared, error = None, None
+    try:
+        prepared = _prepare_mesh(path, part, slices, shape, BoxSize, attrs, dataset)
+    except ValueError as err:
+        error = err
+    if comm is not None and comm.size > 1:
+        errors = comm.allgather(error)
+        error = next((e for e in errors if e is not None), None)
+        if error is None:
+            dtypes = set(comm.allgather(prepared[0].dtype.str))
+            if len(dtypes) > 1:
+                error = ValueError(f"{where}: the ranks' parts differ in dtype: {sorted(dtypes)}")
+            elif sum(comm.allgather(prepared[0].size)) != int(np.prod(shape)):
+                error = ValueError(f"{where}: the ranks' parts do not tile a mesh of {shape}")
+    if error is not None:
+        raise error
+    arr, slices, box, attrs, nmesh = prepared
+    if _is_npy(path):
+        _write_npy_slab(path, arr, slices, box, attrs, nmesh, comm, overwrite)
+        return
+
+    import bigfile
+
+    collective = comm is not None and comm.size > 1
+    with atomic_dir(path, comm=comm if collective else None, overwrite=overwrite) as tmp:
+        if collective:
+            ff = bigfile.FileMPI(comm, str(tmp), create=True)
+        else:
+            ff = bigfile.File(str(tmp), create=True)
+        with ff:
+            with ff.create(dataset, dtype=arr.dtype, size=int(np.prod(nmesh)), Nfile=1) as bb:
+                for offset, run in _c_order_runs(arr, slices, tuple(nmesh)):
+                    bb.write(offset, run)
+                bb.attrs["ndarray.shape"] = nmesh
+                bb.attrs["BoxSize"] = box
+                bb.attrs["Nmesh"] = nmesh
+                _bigfile.set_attrs(bb, attrs, f"{where}: dataset {dataset!r}")
+
+
+def _prepare_mesh(path: Path, part, slices, shape, BoxSize, attrs, dataset):
+    """Check one rank's part and the attributes; (part, slices, box, attrs, nmesh)."""
+    where = f"mesh {path}"
+    shape = tuple(int(n) for n in shape)
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise ValueError(f"{where}: a mesh must have 2 or 3 axes of at least one cell, got {shape}")
+    slices = tuple(slices)
+    if len(slices) != len(shape) or any(s.step not in (None, 1) for s in slices):
+        raise ValueError(f"{where}: slices {slices} do not select a block of a mesh of {shape}")
+    slices = tuple(slice(*s.indices(n)[:2]) for s, n in zip(slices, shape, strict=True))
+    arr = np.asarray(part)
+    want = tuple(max(0, s.stop - s.start) for s in slices)
+    if arr.shape != want:
+        raise ValueError(f"{where}: part of shape {arr.shape}, its slices {slices} need {want}")
+    if arr.size:
+        arr = _check_array(arr, where)
+    elif arr.dtype not in (np.float32, np.float64):
+        arr = arr.astype(np.float64)
+    box = box_vector(BoxSize, where, ndim=len(shape))
     attrs = dict(attrs or {})
     clash = sorted(set(attrs) & set(MESH_ATTRS))
     if clash:
         raise ValueError(f"{where}: attributes {clash} are set from the array and BoxSize")
-    nmesh = np.asarray(arr.shape, dtype=np.int64)
-
     if _is_npy(path):
         for key, value in attrs.items():
             try:
@@ -136,29 +237,93 @@ def write_mesh(
                     f"{where}: attribute {key!r} of type {type(value).__name__} cannot be stored "
                     "in the JSON sidecar"
                 ) from err
-        meta = {"BoxSize": box.tolist(), "Nmesh": nmesh.tolist(), **attrs, WRITTEN_BY: _writer()}
-        # serialised before anything is written, so a bad attribute leaves no file behind
-        text = json.dumps(meta, cls=_bigfile._NumpyJSON, indent=1)
-        if not overwrite:
-            _check_npy_output(path)
-        with atomic_write(path, "wb") as fh:
-            np.save(fh, arr)
-        with atomic_write(sidecar_path(path), "w") as fh:
-            fh.write(text)
-        return
-
-    import bigfile
-
-    if not dataset or dataset.startswith("/") or dataset.endswith("/"):
+    elif not dataset or dataset.startswith("/") or dataset.endswith("/"):
         raise ValueError(f"{where}: dataset name must be a relative block name, got {dataset!r}")
-    with atomic_dir(path, overwrite=overwrite) as tmp:
-        with bigfile.File(str(tmp), create=True) as ff:
-            # C-order flattening is what pmesh's RealField.ravel/unravel use for the global mesh
-            with ff.create_from_array(dataset, arr.reshape(-1), Nfile=1) as bb:
-                bb.attrs["ndarray.shape"] = nmesh
-                bb.attrs["BoxSize"] = box
-                bb.attrs["Nmesh"] = nmesh
-                _bigfile.set_attrs(bb, attrs, f"{where}: dataset {dataset!r}")
+    return arr, slices, box, attrs, np.asarray(shape, dtype=np.int64)
+
+
+def _c_order_runs(arr: np.ndarray, slices, shape):
+    """(offset, values) of the contiguous runs ``arr = mesh[slices]`` makes in C-ordered ``mesh``.
+
+    The axes after the last partial one are whole, so each run covers them: one run for a slab
+    of whole planes, one per plane for a pmesh 2-D decomposition.
+    """
+    if arr.size == 0:
+        return
+    partial = [
+        d for d, (s, n) in enumerate(zip(slices, shape, strict=True)) if s.stop - s.start != n
+    ]
+    k = partial[-1] if partial else 0
+    strides = np.cumprod((1,) + shape[::-1])[::-1][1:]  # C-order strides in elements
+    for lead in np.ndindex(*arr.shape[:k]):
+        idx = [slices[d].start + i for d, i in enumerate(lead)] + [slices[k].start]
+        offset = int(np.dot(idx, strides[: k + 1]))
+        yield offset, np.ascontiguousarray(arr[lead]).reshape(-1)
+
+
+def _write_npy_slab(path: Path, arr, slices, box, attrs, nmesh, comm, overwrite) -> None:
+    """The ``.npy`` branch of :func:`write_mesh_slab`: rank 0 creates, every rank fills its part."""
+    import tempfile
+
+    from ..utils import default_mode, fault_point
+
+    meta = {"BoxSize": box.tolist(), "Nmesh": nmesh.tolist(), **attrs, WRITTEN_BY: _writer()}
+    # serialised before anything is written, so a bad attribute leaves no file behind
+    text = json.dumps(meta, cls=_bigfile._NumpyJSON, indent=1)
+    collective = comm is not None and comm.size > 1
+    root = not collective or comm.rank == 0
+
+    def shared(error):
+        if collective:
+            errors = comm.allgather(error)
+            error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            raise error
+
+    tmp, error = None, None
+    if root:
+        try:
+            if not overwrite:
+                _check_npy_output(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.fchmod(fd, default_mode())
+            os.close(fd)
+            mm = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=arr.dtype, shape=tuple(int(n) for n in nmesh)
+            )
+            del mm
+        except (OSError, ValueError) as err:
+            error = err
+    if collective:
+        tmp = comm.bcast(tmp, root=0)
+    shared(error)
+    try:
+        try:
+            fault_point("write")
+            mm = np.lib.format.open_memmap(tmp, mode="r+")
+            mm[slices] = arr
+            mm.flush()
+            del mm
+        except Exception as err:  # noqa: BLE001 - raised on every rank
+            error = err
+        shared(error)
+        if root:
+            try:
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                if not overwrite:
+                    _check_npy_output(path)  # again: something may have appeared meanwhile
+                os.replace(tmp, path)
+                tmp = None
+                with atomic_write(sidecar_path(path), "w") as fh:
+                    fh.write(text)
+            except (OSError, ValueError) as err:
+                error = err
+        shared(error)
+    finally:
+        if root and tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 #: what a map inherits from the catalog, snapshot or parameter file it was made from (what

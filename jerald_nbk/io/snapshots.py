@@ -50,7 +50,14 @@ import numpy as np
 
 from ..geometry import box_vector, mesh_vector, wrap_positions
 
-__all__ = ["FIELDS", "make_target", "write_target", "snapshot_files", "read_headers"]
+__all__ = [
+    "FIELDS",
+    "make_target",
+    "target_slab",
+    "write_target",
+    "snapshot_files",
+    "read_headers",
+]
 
 #: physical constants (cgs)
 PROTON_MASS_G = 1.67262192e-24
@@ -312,11 +319,52 @@ def make_target(
     units: str = "auto",
     X: float = X_H,
 ) -> tuple[np.ndarray | None, dict]:
-    """Paint a target map from a Gadget/AREPO/IllustrisTNG HDF5 snapshot.
+    """Paint a target map from a Gadget/AREPO/IllustrisTNG HDF5 snapshot, whole on rank 0.
+
+    :func:`target_slab` with the ranks' parts gathered on rank 0 (for one file on one rank);
+    :func:`write_target` writes the parts without gathering them.
 
     Parameters
     ----------
-    paths : path, pattern, directory or list
+    paths, field, Nmesh, comm, units, X
+        As for :func:`target_slab`.
+
+    Returns
+    -------
+    array : numpy.ndarray (float64, shape Nmesh) on rank 0; None on the other ranks
+    attrs : dict (every rank)
+        As :func:`target_slab` returns them.
+    """
+    if comm is None:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_SELF
+    part, slices, attrs = target_slab(paths, field, Nmesh, comm=comm, units=units, X=X)
+    parts = comm.gather((slices, part), root=0)
+    if comm.rank != 0:
+        return None, attrs
+    full = np.zeros(tuple(attrs["Nmesh"]), np.float64)
+    for sl, val in parts:
+        full[sl] = val
+    return full, attrs
+
+
+def target_slab(
+    paths,
+    field: str,
+    Nmesh,
+    comm=None,
+    units: str = "auto",
+    X: float = X_H,
+) -> tuple[np.ndarray, tuple, dict]:
+    """This rank's x slab of a target map painted from a Gadget/AREPO/IllustrisTNG snapshot.
+
+    No rank holds the whole mesh: each reads its share of the rows and pmesh paints them onto
+    x slabs (:func:`paint_slab`, the pmesh engine's cut).
+
+    Parameters
+    ----------
+    paths : path-like or list of them
         The snapshot (see :func:`snapshot_files`).
     field : {"dm", "stellar", "gas", "nHI", "ne", "T"}
         See the module docstring for definitions and units.
@@ -331,7 +379,10 @@ def make_target(
 
     Returns
     -------
-    array : numpy.ndarray (float64, shape Nmesh) on rank 0; None on the other ranks
+    part : numpy.ndarray (float64)
+        This rank's part of the map.
+    slices : tuple of 3 slices
+        Where ``part`` lies in the whole mesh.
     attrs : dict (every rank)
         ``BoxSize`` (Mpc/h, 3-vector), ``Nmesh``, ``redshift``, ``HubbleParam``, ``field``,
         ``units`` (of the map), ``input_length_units``, ``formula``, ``files``, ``nparticles``,
@@ -385,7 +436,9 @@ def make_target(
             mass,
         ]
 
-    painted = [_paint(pos, w, nmesh, box, comm) for w in weights]
+    painted = [paint_slab(pos, w, nmesh, box, comm) for w in weights]
+    slices = painted[0][1]
+    painted = [slab for slab, _ in painted]
     total_mass = comm.allreduce(float(np.sum(mass)))
     npart = int(counts.sum())
     attrs = {
@@ -406,8 +459,6 @@ def make_target(
         attrs["cosmology"] = cosmo
         if "Omega_m" in cosmo:
             attrs["Om0"] = cosmo["Omega_m"]
-    if comm.rank != 0:
-        return None, attrs
     if field in ("dm", "gas"):
         if total_mass <= 0:
             raise SnapshotError(f"snapshot {files[0]}: no {field} mass (PartType{ptype})")
@@ -424,7 +475,7 @@ def make_target(
         mt, m = painted
         with np.errstate(invalid="ignore", divide="ignore"):
             out = np.where(m > 0, mt / np.where(m > 0, m, 1.0), 0.0)
-    return out, attrs
+    return out, slices, attrs
 
 
 #: Gadget header attributes of the cosmology -> the names of the suite's ``cosmology`` attribute
@@ -517,18 +568,6 @@ def temperature(u, x_e, X: float = X_H, unit_velocity: float = 1e5):
     )
 
 
-def _paint(pos, weight, nmesh, box, comm) -> np.ndarray | None:
-    """CIC-paint this rank's particles with pmesh (float64); the whole mesh on rank 0."""
-    slab, slices = paint_slab(pos, weight, nmesh, box, comm)
-    parts = comm.gather((slices, slab), root=0)
-    if comm.rank != 0:
-        return None
-    full = np.zeros(tuple(nmesh), np.float64)
-    for sl, val in parts:
-        full[sl] = val
-    return full
-
-
 def paint_slab(pos, weight, nmesh, box, comm) -> tuple[np.ndarray, tuple]:
     """CIC-paint this rank's particles with pmesh (float64) onto x slabs; no rank holds the mesh.
 
@@ -578,7 +617,7 @@ def write_target(
     overwrite: bool = False,
     extra: dict | None = None,
 ) -> dict:
-    """:func:`make_target` then :func:`jerald_nbk.io.write_mesh` (bigfile, atomic, rank 0 writes).
+    """:func:`target_slab` then :func:`jerald_nbk.io.write_mesh_slab` (each rank its own part).
 
     Parameters
     ----------
@@ -596,10 +635,13 @@ def write_target(
     dict
         The attrs written with the mesh (``BoxSize`` and ``Nmesh`` are those of the array).
     """
-    from .meshes import write_mesh
+    from .meshes import write_mesh_slab
 
-    array, attrs = make_target(paths, field, Nmesh, comm=comm, units=units, X=X)
+    part, slices, attrs = target_slab(paths, field, Nmesh, comm=comm, units=units, X=X)
     attrs = {**attrs, **(extra or {})}
     meta = {k: v for k, v in attrs.items() if k not in ("BoxSize", "Nmesh")}
-    write_mesh(out, array, attrs["BoxSize"], attrs=meta, comm=comm, overwrite=overwrite)
+    shape = tuple(int(n) for n in attrs["Nmesh"])
+    write_mesh_slab(
+        out, part, slices, shape, attrs["BoxSize"], attrs=meta, comm=comm, overwrite=overwrite
+    )
     return attrs

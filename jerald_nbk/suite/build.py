@@ -127,7 +127,7 @@ def make_targets(
     Returns
     -------
     Targets
-        Maps as whole-mesh numpy arrays (identical on every rank) and their attrs.
+        Maps as this rank's part of each mesh (the whole mesh on one rank) and their attrs.
     """
     if comm is None:
         from mpi4py import MPI
@@ -233,7 +233,7 @@ def build_suite(
         cache when ``suite.json`` matches (size, seed, redshifts, generator version) and every
         listed output exists.
     """
-    from ..io import write_catalog, write_mesh
+    from ..io import write_catalog, write_mesh_slab
     from ..utils import atomic_write
     from .runs import RunConfig, cosmology_attrs, run_pair
 
@@ -355,7 +355,9 @@ def build_suite(
                 "highres_nsteps": pair.highres.nsteps,
                 "highres_force_Nmesh": pair.highres.force_Nmesh,
             }
-            write_mesh(outdir / name, m.array.astype("f4"), L, attrs=attrs, comm=comm)
+            write_mesh_slab(
+                outdir / name, m.array.astype("f4"), m.slices, m.shape, L, attrs=attrs, comm=comm
+            )
             paths[name] = name
             constants[t][m.name] = m.attrs["constants"]
 

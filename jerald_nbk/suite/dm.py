@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .mesh import TargetMap, paint, target_attrs
+from .mesh import TargetMap, local_part, paint, target_attrs
 
 
 def dm_density(ppm, pos, Ntot: int):
@@ -38,10 +38,10 @@ def dm_target(ppm, pos, Ntot: int, z: float) -> TargetMap:
     Returns
     -------
     TargetMap
-        ``"dm"``, the whole mesh (identical on every rank) and its attributes.
+        ``"dm"``: this rank's part of the mesh and its attributes.
     """
-    array = dm_density(ppm, pos, Ntot).preview()
+    array, slices, shape = local_part(dm_density(ppm, pos, Ntot))
     attrs = target_attrs(
         "dm", z, "1+delta (dimensionless)", {"window": "cic", "particles": int(Ntot)}
     )
-    return TargetMap("dm", array, attrs)
+    return TargetMap("dm", array, attrs, slices, shape)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..geometry import wrap_positions
 from .constants import G_NEWTON_KMS, K_BOLTZMANN, M_PROTON, MU_IONISED, RHO_CRIT_MSUNH
-from .mesh import TargetMap, paint, target_attrs
+from .mesh import TargetMap, local_part, paint, target_attrs
 
 # --- stellar-to-halo-mass relation: Moster, Naab & White 2013, Table 1 ---------------------------
 MOSTER13 = {
@@ -187,10 +187,10 @@ def stellar_target(ppm, halos: Halos, z: float, scatter_dex: float) -> TargetMap
     Returns
     -------
     TargetMap
-        ``"stellar"`` in ``1e10 Msun/h`` per cell, the whole mesh on every rank.
+        ``"stellar"`` in ``1e10 Msun/h`` per cell: this rank's part of the mesh.
     """
     mine = slice(ppm.comm.rank, None, ppm.comm.size)
-    array = paint(ppm, halos.Position[mine], halos.StellarMass[mine]).preview()
+    array, slices, shape = local_part(paint(ppm, halos.Position[mine], halos.StellarMass[mine]))
     constants = {
         "shmr": "Moster, Naab & White 2013, MNRAS 428, 3121, eqs 2, 11-14 (Table 1)",
         **{f"moster13_{k}": v for k, v in MOSTER13.items()},
@@ -205,4 +205,4 @@ def stellar_target(ppm, halos: Halos, z: float, scatter_dex: float) -> TargetMap
         "centre": "FOF centre of mass",
     }
     attrs = target_attrs("stellar", z, "stellar mass per cell [1e10 Msun/h]", constants)
-    return TargetMap("stellar", array, attrs)
+    return TargetMap("stellar", array, attrs, slices, shape)

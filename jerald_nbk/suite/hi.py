@@ -215,10 +215,10 @@ def hi_target(ppm, pm_fine, pos, Ntot: int, halos: Halos, z: float, cosmo):
     Returns
     -------
     hi : TargetMap
-        ``"hi"``, ``n_HI / hi_norm``, the whole mesh on every rank.
+        ``"hi"``, ``n_HI / hi_norm``: this rank's part of the mesh.
     diagnostics : dict
-        On the output mesh: ``gas`` (smoothed ``1 + delta``), ``hot_fraction`` and
-        ``wind_suppression`` (used by the tests and the docs).
+        This rank's part of the output mesh (the slices of ``hi``): ``gas`` (smoothed
+        ``1 + delta``), ``hot_fraction`` and ``wind_suppression`` (used by the tests and the docs).
     """
     comm = ppm.comm
     Omega_m, Omega_b, h = float(cosmo.Om0), float(cosmo.Ob0), float(cosmo.h)
@@ -298,4 +298,6 @@ def hi_target(ppm, pm_fine, pos, Ntot: int, halos: Halos, z: float, cosmo):
         "hot_fraction": downsample_array(f_hot, pm_fine, ppm),
         "wind_suppression": downsample_array(suppression, pm_fine, ppm),
     }
-    return TargetMap("hi", array, attrs), diagnostics
+    slices = tuple(ppm.create(type="real").slices)
+    shape = tuple(int(n) for n in ppm.Nmesh)
+    return TargetMap("hi", array, attrs, slices, shape), diagnostics

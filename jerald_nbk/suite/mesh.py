@@ -2,7 +2,8 @@
 
 Shared by the three prescriptions (:mod:`.dm`, :mod:`.halos`, :mod:`.hi`).  pmesh's convention
 holds throughout: mesh value ``i`` sits at position ``i * BoxSize / Nmesh``.  Maps leave this
-module as whole-mesh numpy arrays on the ``N^3`` output mesh (the low-resolution run's mesh); see
+module as each rank's part of the ``N^3`` output mesh (the low-resolution run's mesh), with the
+slices that place it (no rank holds a whole mesh; on one rank the part is the whole mesh); see
 ``docs/reference-suite.md`` ("HI target", step ``downsample``) and ``../shared/spec/reference-suite.md``
 ("Reference fields").
 """
@@ -16,11 +17,22 @@ import numpy as np
 
 @dataclass
 class TargetMap:
-    """One target map (whole-mesh numpy array) and the attributes written with it."""
+    """One target map: this rank's part of the mesh, where it lies, and the attributes.
+
+    ``array`` is ``mesh[slices]`` of the whole ``shape`` mesh; on one rank it is the whole mesh.
+    """
 
     name: str
     array: np.ndarray
     attrs: dict
+    slices: tuple
+    shape: tuple
+
+
+def local_part(field) -> tuple[np.ndarray, tuple, tuple]:
+    """A pmesh RealField as (this rank's values, their slices, the whole mesh's shape)."""
+    shape = tuple(int(n) for n in field.pm.Nmesh)
+    return np.asarray(field.value), tuple(field.slices), shape
 
 
 def target_attrs(name: str, z: float, units: str, constants: dict, extra=None) -> dict:
@@ -84,7 +96,8 @@ def downsample(fine, pm_out, chunk: int = 1 << 22):
 
 
 def downsample_array(values, pm_fine, pm_out) -> np.ndarray:
-    """:func:`downsample` of this rank's slab ``values`` of ``pm_fine``, as a whole-mesh array."""
+    """:func:`downsample` of this rank's part ``values`` of ``pm_fine``: this rank's part of
+    ``pm_out`` (its slices are ``pm_out.create(type="real").slices``)."""
     field = pm_fine.create(type="real")
     field[...] = values
-    return downsample(field, pm_out).preview()
+    return np.asarray(downsample(field, pm_out).value)
