@@ -531,6 +531,36 @@ def test_mpiexec_train_matches_single_process(inputs, dm_run, tmp_path):
     assert doc["provenance"]["engine"]["backend"] == "pmesh"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("n_maps", [1, 3])
+def test_mpiexec_power_matches_single_process(inputs, tmp_path, n_maps):
+    """``mpiexec -n 2 jerald power``: each rank reads its x slab and pmesh transforms them; the
+    spectra and figures of merit equal one process's (float32 maps, transforms in float64:
+    1e-10 relative), and only rank 0 writes."""
+    mpiexec = BIN / "mpiexec"
+    if not mpiexec.exists():
+        mpiexec = shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("no mpiexec")
+    maps = [str(inputs / m) for m in ("dm", "hi", "star")[:n_maps]]
+    docs = []
+    for launcher in ([], [str(mpiexec), "-n", "2"]):
+        out = tmp_path / ("mpi" if launcher else "serial")
+        cmd = [*launcher, *_exe("jerald"), "power", *maps, "--out", str(out)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert res.stdout.count("[jerald] spectra:") == 1, res.stdout
+        docs.append(json.loads((out / "power.json").read_text()))
+    serial, mpi = docs
+    assert set(serial) == set(mpi) and len(serial) == max(1, n_maps - 1)
+    for label in serial:
+        for key, value in serial[label].items():
+            if isinstance(value, list) and value and isinstance(value[0], (int, float)):
+                a = np.array(value, dtype=float)
+                b = np.array(mpi[label][key], dtype=float)
+                np.testing.assert_allclose(b, a, rtol=1e-10, atol=0, err_msg=f"{label} {key}")
+
+
 @pytest.mark.parametrize(
     "where,option,value,expect",
     [

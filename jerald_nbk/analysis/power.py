@@ -56,7 +56,14 @@ import numpy as np
 from ..geometry import box_vector
 from ..pm import fourier
 
-__all__ = ["PowerResult", "CrossResult", "power_spectrum", "cross_correlation", "default_edges"]
+__all__ = [
+    "PowerResult",
+    "CrossResult",
+    "power_spectrum",
+    "cross_correlation",
+    "default_edges",
+    "slab_slices",
+]
 
 # binning walks the kx axis in blocks of this many planes so the k^2 and weight arrays stay small
 _PLANES_PER_BLOCK = 16
@@ -194,17 +201,64 @@ def default_edges(
     return edges
 
 
-def _rfft(arr: np.ndarray, box: np.ndarray, compensate: bool) -> np.ndarray:
-    import scipy.fft
+def slab_slices(Nmesh: Sequence[int], comm) -> tuple:
+    """This rank's x slab of a mesh as the distributed spectra expect it (pmesh's cut in x).
 
-    # double precision throughout: the binned sums then agree with nbodykit to ~1e-12 for float64
-    # fields (float32 fields differ by float32 rounding only, in nbodykit's FFT).
-    c = scipy.fft.rfftn(np.asarray(arr, dtype=np.float64), workers=os.cpu_count() or 1)
-    c *= fourier.r2c_scale(arr.size)
+    It is the pmesh engine's local mesh (:meth:`jerald_nbk.pm.PmeshEngine.local_slices`), so a
+    rank reads it with :func:`jerald_nbk.io.read_mesh_slab` and passes it with ``comm``.
+    """
+    from pmesh.pm import ParticleMesh
+
+    pm = ParticleMesh(Nmesh=list(Nmesh), BoxSize=1.0, dtype="f8", comm=comm, np=[comm.size, 1])
+    return tuple(slice(int(s.start), int(s.stop)) for s in pm.create(type="real").slices)
+
+
+def _global_shape(arr: np.ndarray, comm) -> tuple[int, int, int]:
+    if comm is None or comm.size == 1:
+        return arr.shape
+    rows = comm.allgather(arr.shape)
+    if any(r[1:] != arr.shape[1:] for r in rows):
+        raise ValueError(f"the ranks' slabs differ in their last two axes: {rows}")
+    return (sum(r[0] for r in rows), *arr.shape[1:])
+
+
+def _part(kvec, where) -> list:
+    """The k-vector components (each along its own axis) of the modes ``where``."""
+    return [k[(slice(None),) * d + (w,)] for d, (k, w) in enumerate(zip(kvec, where, strict=True))]
+
+
+def _rfft(arr: np.ndarray, box: np.ndarray, compensate: bool, comm=None):
+    """Fourier modes of a real mesh, or of this rank's x slab of it: (modes, their slices)."""
+    shape = _global_shape(arr, comm)
+    if comm is None or comm.size == 1:
+        import scipy.fft
+
+        # double precision throughout: the binned sums then agree with nbodykit to ~1e-12 for
+        # float64 fields (float32 fields differ by float32 rounding only, in nbodykit's FFT).
+        c = scipy.fft.rfftn(np.asarray(arr, dtype=np.float64), workers=os.cpu_count() or 1)
+        c *= fourier.r2c_scale(arr.size)
+        where = tuple(slice(0, n) for n in c.shape)
+    else:
+        from pmesh.pm import ParticleMesh
+
+        # pmesh's distributed FFT (forward divided by the cells, like r2c_scale); its Fourier
+        # slab is cut in y, and ``slices`` says where it lies
+        pm = ParticleMesh(Nmesh=list(shape), BoxSize=box, dtype="f8", comm=comm, np=[comm.size, 1])
+        real = pm.create(type="real")
+        ok = real.value.shape == arr.shape
+        if not all(comm.allgather(ok)):
+            raise ValueError(
+                f"a slab of shape {arr.shape} is not this rank's x slab {real.value.shape} of a "
+                f"{shape} mesh (read it with read_mesh_slab(path, slab_slices(Nmesh, comm)))"
+            )
+        real[...] = arr
+        cf = real.r2c()
+        c = np.array(cf.value, dtype=np.complex128)
+        where = tuple(slice(int(s.start), int(s.stop)) for s in cf.slices)
     if compensate:
-        kvec = fourier.kvectors(arr.shape, box)
-        c /= fourier.cic_window(kvec, box / np.asarray(arr.shape))
-    return c
+        kvec = fourier.kvectors(shape, box)
+        c /= fourier.cic_window(_part(kvec, where), box / np.asarray(shape))
+    return c, where
 
 
 def power_spectrum(
@@ -215,8 +269,9 @@ def power_spectrum(
     kmin: float = 0.0,
     kmax: float | None = None,
     compensate: bool = False,
+    comm=None,
 ) -> PowerResult:
-    """Isotropic power spectrum of a whole real mesh (nbodykit ``FFTPower(mode='1d')`` numbers).
+    """Isotropic power spectrum of a real mesh (nbodykit ``FFTPower(mode='1d')`` numbers).
 
     Parameters
     ----------
@@ -231,6 +286,10 @@ def power_spectrum(
     compensate : bool
         Divide the Fourier modes by the CIC window (``sinc^2`` per axis,
         :func:`jerald_nbk.pm.fourier.cic_window`) for CIC-painted fields.
+    comm : MPI communicator, optional
+        With more than one rank, ``field`` (and ``second``) are this rank's x slab
+        (:func:`slab_slices`): the transform is pmesh's distributed FFT, the bins are summed over
+        the ranks, and every rank returns the same result. No rank holds the whole mesh.
 
     Returns
     -------
@@ -250,15 +309,19 @@ def power_spectrum(
         b = _as_field(second, "second")
         if b.shape != a.shape:
             raise ValueError(f"second has shape {b.shape}, field has {a.shape}")
-        ca, cb = _rfft(a, box, compensate), _rfft(b, box, compensate)
+        fields = [a, b]
         pairs = [(0, 1)]
-        cfields = [ca, cb]
     else:
-        cfields = [_rfft(a, box, compensate)]
+        fields = [a]
         pairs = [(0, 0)]
-    edges = default_edges(a.shape, box, dk, kmin, kmax)
-    k, modes, (power,) = _bin_power(cfields, pairs, a.shape, box, edges, _kdtype(a))
-    attrs = _attrs(a.shape, box, edges, dk, kmin, kmax, compensate)
+    shape = _global_shape(a, comm)
+    modes_ = [_rfft(f, box, compensate, comm) for f in fields]
+    cfields, where = [m[0] for m in modes_], modes_[0][1]
+    edges = default_edges(shape, box, dk, kmin, kmax)
+    k, modes, (power,) = _bin_power(
+        cfields, pairs, shape, box, edges, _kdtype(a), where=where, comm=comm
+    )
+    attrs = _attrs(shape, box, edges, dk, kmin, kmax, compensate)
     attrs["kind"] = "cross" if second is not None else "auto"
     return PowerResult(k=k, power=power, modes=modes, edges=edges, attrs=attrs)
 
@@ -271,6 +334,7 @@ def cross_correlation(
     kmin: float = 0.0,
     kmax: float | None = None,
     compensate: bool = False,
+    comm=None,
 ) -> CrossResult:
     """Auto spectra, cross spectrum and ``r(k) = P_ab / sqrt(P_a P_b)`` (paper eq 17).
 
@@ -280,8 +344,8 @@ def cross_correlation(
         Two real meshes of the same shape (e.g. prediction and reference).
     BoxSize : float or sequence of 3 floats
         Mpc/h.
-    dk, kmin, kmax, compensate
-        As in :func:`power_spectrum`.
+    dk, kmin, kmax, compensate, comm
+        As in :func:`power_spectrum` (with ``comm``, ``a`` and ``b`` are this rank's x slabs).
 
     Returns
     -------
@@ -293,14 +357,17 @@ def cross_correlation(
     if fb.shape != fa.shape:
         raise ValueError(f"b has shape {fb.shape}, a has {fa.shape}")
     box = box_vector(BoxSize, "cross_correlation")
-    cfields = [_rfft(fa, box, compensate), _rfft(fb, box, compensate)]
-    edges = default_edges(fa.shape, box, dk, kmin, kmax)
+    shape = _global_shape(fa, comm)
+    (ca, where), (cb, _) = (_rfft(f, box, compensate, comm) for f in (fa, fb))
+    edges = default_edges(shape, box, dk, kmin, kmax)
     pairs = [(0, 0), (1, 1), (0, 1)]
-    k, modes, (paa, pbb, pab) = _bin_power(cfields, pairs, fa.shape, box, edges, _kdtype(fa))
+    k, modes, (paa, pbb, pab) = _bin_power(
+        [ca, cb], pairs, shape, box, edges, _kdtype(fa), where=where, comm=comm
+    )
     with np.errstate(invalid="ignore", divide="ignore"):
         good = (paa > 0) & (pbb > 0)
         r = np.where(good, pab / np.sqrt(np.where(good, paa * pbb, 1.0)), np.nan)
-    attrs = _attrs(fa.shape, box, edges, dk, kmin, kmax, compensate)
+    attrs = _attrs(shape, box, edges, dk, kmin, kmax, compensate)
     attrs["kind"] = "cross_correlation"
     return CrossResult(
         k=k, power_a=paa, power_b=pbb, power_ab=pab, r=r, modes=modes, edges=edges, attrs=attrs
@@ -344,23 +411,28 @@ def _binning_kvectors(shape, box, dtype):
     return out
 
 
-def _bin_power(cfields, pairs, shape, box, edges, dtype=np.float64):
+def _bin_power(cfields, pairs, shape, box, edges, dtype=np.float64, where=None, comm=None):
     """Bin ``V Re(c_i conj(c_j))`` for each pair over the rfft half-space.
 
-    Returns the mean |k|, the mode counts and one power array per pair.
+    ``cfields`` hold the modes ``where`` (slices of the whole rfft layout; all of it by default);
+    with ``comm`` the sums are added over the ranks. Returns the mean |k|, the mode counts and
+    one power array per pair.
     """
-    nx, ny, nz = shape
-    kx, ky, kz = _binning_kvectors(shape, box, dtype)
+    nz = shape[2]
+    kvec = _binning_kvectors(shape, box, dtype)
+    if where is None:
+        where = tuple(slice(0, n) for n in cfields[0].shape)
+    kx, ky, kz = _part(kvec, where)
+    nx = cfields[0].shape[0]
+    has_k0 = all(w.start == 0 and w.stop > 0 for w in where)
     nbins = len(edges) + 1  # digitize's underflow (0) and overflow (len(edges)) bins included
     e2 = edges**2
 
     # Hermitian weights: a stored k_z column other than 0 and the Nyquist one stands for itself and
     # its conjugate at -k. For odd Nz there is no Nyquist column. (pmesh shifts index Nz//2 to the
     # negative side even for odd Nz; nbodykit then weights that column 1: only even Nz match.)
-    wz = np.full(kz.shape, 2.0)
-    wz[..., 0] = 1.0
-    if nz % 2 == 0:
-        wz[..., -1] = 1.0
+    iz = np.arange(where[2].start, where[2].stop).reshape(kz.shape)
+    wz = np.where((iz == 0) | ((nz % 2 == 0) & (iz == nz // 2)), 1.0, 2.0)
 
     ksum = np.zeros(nbins)
     nsum = np.zeros(nbins)
@@ -376,11 +448,17 @@ def _bin_power(cfields, pairs, shape, box, edges, dtype=np.float64):
         for p, (i, j) in zip(psums, pairs, strict=True):
             ci, cj = cfields[i][sl], cfields[j][sl]
             prod = (ci.real * cj.real + ci.imag * cj.imag) if i != j else (ci.real**2 + ci.imag**2)
-            if x0 == 0:
+            if x0 == 0 and has_k0:
                 prod = prod.copy()
                 prod[0, 0, 0] = 0.0  # the mean is not a fluctuation (nbodykit zeroes k = 0 too)
             p += np.bincount(idx, weights=w * prod.ravel(), minlength=nbins)
 
+    if comm is not None and comm.size > 1:
+        from mpi4py import MPI
+
+        sums = np.array([ksum, nsum, *psums])
+        comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+        ksum, nsum, psums = sums[0], sums[1], list(sums[2:])
     inner = slice(1, len(edges))  # drop below-kmin and above-last-edge modes
     modes = nsum[inner]
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -797,43 +797,66 @@ def cmd_paint(args) -> int:
 
 
 def cmd_power(args) -> int:
+    """``jerald power``: spectra and figures of merit of maps; under MPI each rank reads and
+    transforms only its x slab (pmesh's distributed FFT), and rank 0 writes the results."""
+    import numpy as np
+    from mpi4py import MPI
+
     from ..analysis.metrics import figures_of_merit
     from ..analysis.plots import plot_power_comparison
-    from ..analysis.power import power_spectrum
-    from ..io import read_mesh
-    from ..utils import atomic_write, json_safe
+    from ..analysis.power import power_spectrum, slab_slices
+    from ..io import read_mesh_slab
+    from ..train.validate import check_map_values, check_same_box
+    from ..utils import atomic_write, json_safe, root_only
 
+    comm = MPI.COMM_WORLD
     labels = args.labels.split(",") if args.labels else [Path(m).name for m in args.maps]
     if len(labels) != len(args.maps):
         raise SystemExit(f"jerald power: {len(labels)} labels for {len(args.maps)} maps")
-    from ..train.validate import check_map_values, check_same_box
 
     out = Path(args.out)
-    maps = [read_mesh(m) for m in args.maps]
-    for path, (arr, attrs) in zip(args.maps, maps, strict=True):
-        check_map_values(arr, f"map {path}", args.allow_negative)
-        check_same_box(maps[0][1], f"map {args.maps[0]}", attrs, f"map {path}")
-    ref, rattrs = maps[0]
+    maps = []
+    for path in args.maps:
+        _, head = read_mesh_slab(path, (slice(0, 0),), comm=comm)  # the header only
+        nmesh = tuple(int(n) for n in np.atleast_1d(head["Nmesh"]))
+        if len(nmesh) != 3:
+            raise ValueError(f"map {path}: expected a 3-D mesh, found shape {nmesh}")
+        arr, attrs = read_mesh_slab(path, slab_slices(nmesh, comm), comm=comm)
+        error = None
+        try:  # this rank's cells; a bad cell on any rank stops every rank with its message
+            check_map_values(arr, f"map {path}", args.allow_negative)
+        except ValueError as err:
+            error = err
+        error = next((e for e in comm.allgather(error) if e is not None), None)
+        if error is not None:
+            raise error
+        check_same_box(maps[0][1] if maps else attrs, f"map {args.maps[0]}", attrs, f"map {path}")
+        maps.append((arr, attrs, nmesh))
+    ref, rattrs, rshape = maps[0]
     box = rattrs["BoxSize"]
     doc = {}
     if len(maps) == 1:
-        res = power_spectrum(ref, box, dk=args.dk)
+        res = power_spectrum(ref, box, dk=args.dk, comm=comm)
         doc[labels[0]] = res.to_dict()
     else:
         results = {}
-        for label, (m, _attrs) in zip(labels[1:], maps[1:], strict=True):
-            if m.shape != ref.shape:
+        for label, (m, _attrs, shape) in zip(labels[1:], maps[1:], strict=True):
+            if shape != rshape:
                 raise SystemExit(
-                    f"jerald power: {label} has Nmesh {m.shape}, reference {labels[0]} {ref.shape}"
+                    f"jerald power: {label} has Nmesh {shape}, reference {labels[0]} {rshape}"
                 )
-            fom = figures_of_merit(m, ref, box, dk=args.dk)
+            fom = figures_of_merit(m, ref, box, dk=args.dk, comm=comm)
             results[label] = fom
             doc[label] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in fom.items()}
-        plot_power_comparison(out / "power.png", results, title=f"against {labels[0]}")
-        print(f"[jerald] plot: {out / 'power.png'}")
-    with atomic_write(out / "power.json") as fh:
-        json.dump(json_safe(doc), fh, indent=1)
-    print(f"[jerald] spectra: {out / 'power.json'}")
+        with root_only(comm if comm.size > 1 else None, "the power plot") as root:
+            if root:
+                plot_power_comparison(out / "power.png", results, title=f"against {labels[0]}")
+                print(f"[jerald] plot: {out / 'power.png'}")
+    with root_only(comm if comm.size > 1 else None, "writing power.json") as root:
+        if root:
+            with atomic_write(out / "power.json") as fh:
+                json.dump(json_safe(doc), fh, indent=1)
+            print(f"[jerald] spectra: {out / 'power.json'}")
     return 0
 
 
