@@ -394,3 +394,34 @@ def test_mpi_spectra_of_slabs_equal_the_whole_mesh_ones(shape, compensate):
     bad = a[sl] if comm.rank != 1 else np.concatenate([a[sl]] + [a[sl][:1]] * 3)
     with pytest.raises(ValueError, match="slab"):
         power_spectrum(bad, box, comm=comm)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_mpi_smoothing_difference_and_projection_of_slabs():
+    """``smooth_field`` and ``relative_difference_map`` of x slabs are the slabs of the whole-mesh
+    results (1e-12); ``project_slab`` of slabs gives rank 0 the whole-mesh projection along each
+    axis (slab planes on one or several ranks) and the other ranks None."""
+    from mpi4py import MPI
+
+    from jerald_nbk.analysis.power import slab_slices
+
+    comm = MPI.COMM_WORLD
+    shape, box = (12, 10, 8), (24.0, 20.0, 16.0)
+    rng = np.random.default_rng(6)
+    ref = rng.uniform(0.1, 3.0, shape)
+    pred = ref * rng.uniform(0.5, 1.5, shape)
+    sl = slab_slices(shape, comm)
+    np.testing.assert_allclose(
+        smooth_field(ref[sl], box, 1.5, comm=comm), smooth_field(ref, box, 1.5)[sl], rtol=1e-12
+    )
+    whole = relative_difference_map(pred, ref, box, smooth=1.0)
+    part = relative_difference_map(pred[sl], ref[sl], box, smooth=1.0, comm=comm)
+    np.testing.assert_allclose(part, whole[sl], rtol=1e-12, atol=1e-14)
+    for axis, start, thickness in ((2, 3.0, 4.0), (1, 0.0, 2.0), (0, 10.0, 12.0), (0, 1.0, 2.0)):
+        got = project_slab(ref[sl], box, thickness, axis, start, comm=comm)
+        if comm.rank:
+            assert got is None
+        else:
+            np.testing.assert_allclose(
+                got, project_slab(ref, box, thickness, axis, start), rtol=1e-12
+            )

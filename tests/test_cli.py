@@ -561,6 +561,34 @@ def test_mpiexec_power_matches_single_process(inputs, tmp_path, n_maps):
                 np.testing.assert_allclose(b, a, rtol=1e-10, atol=0, err_msg=f"{label} {key}")
 
 
+@pytest.mark.slow
+def test_mpiexec_report_matches_single_process(inputs, tmp_path):
+    """``mpiexec -n 2 jerald report`` (slabs on each rank, figures drawn by rank 0): the same
+    table of figures of merit as one process, and the same figures."""
+    mpiexec = BIN / "mpiexec"
+    if not mpiexec.exists():
+        mpiexec = shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("no mpiexec")
+    tables = []
+    for launcher in ([], [str(mpiexec), "-n", "2"]):
+        out = tmp_path / ("mpi" if launcher else "serial")
+        cmd = [*launcher, *_exe("jerald"), "report", "--ref", str(inputs / "dm"), "--pred",
+               f"hi={inputs / 'hi'}", "--pred", f"self={inputs / 'dm'}", "--out", str(out)]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert res.stdout.count("[jerald] report:") == 1, res.stdout
+        text = (out / "report.md").read_text()
+        rows = [line for line in text.splitlines() if line.startswith("|")]
+        tables.append(rows[: rows.index("| item | value |")])  # not the provenance (date, --out)
+        assert {p.name for p in out.glob("*.png")} == {
+            "power.png",
+            "slices_hi.png",
+            "slices_self.png",
+        }
+    assert tables[0] and tables[0] == tables[1]
+
+
 @pytest.mark.parametrize(
     "where,option,value,expect",
     [

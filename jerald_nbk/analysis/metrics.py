@@ -135,7 +135,7 @@ def figures_of_merit(pred, ref, BoxSize, **power_kwargs) -> dict:
     }
 
 
-def smooth_field(field, BoxSize, radius: float) -> np.ndarray:
+def smooth_field(field, BoxSize, radius: float, comm=None) -> np.ndarray:
     """Gaussian smoothing of a periodic mesh with :func:`jerald_nbk.pm.fourier.gaussian_filter`.
 
     Parameters
@@ -145,28 +145,46 @@ def smooth_field(field, BoxSize, radius: float) -> np.ndarray:
         Mpc/h.
     radius : float
         Gaussian radius R in Mpc/h (the filter is ``exp(-k^2 R^2 / 2)``); 0 returns a copy.
+    comm : MPI communicator, optional
+        With more than one rank, ``field`` is this rank's x slab
+        (:func:`jerald_nbk.analysis.power.slab_slices`) and so is the result (pmesh's FFTs).
 
     Returns
     -------
     numpy.ndarray (float64); its mean equals the input's (the k = 0 mode is untouched).
     """
+    from .power import _global_shape, _part
+
     arr = np.asarray(field, dtype=np.float64)
     if radius <= 0:
         return arr.copy()
+    box = box_vector(BoxSize, "smooth_field")
+    shape = _global_shape(arr, comm)
+
+    def factor(where):
+        kvec = _part(fourier.kvectors(shape, box), where)
+        return fourier.fourier_factor(kvec, "lowpass", lambda k: fourier.gaussian_filter(k, radius))
+
+    if comm is not None and comm.size > 1:
+        from pmesh.pm import ParticleMesh
+
+        pm = ParticleMesh(Nmesh=list(shape), BoxSize=box, dtype="f8", comm=comm, np=[comm.size, 1])
+        real = pm.create(type="real")
+        real[...] = arr
+        c = real.r2c()
+        c[...] *= factor(tuple(slice(int(w.start), int(w.stop)) for w in c.slices))
+        return np.array(c.c2r().value)
     import scipy.fft
 
-    box = box_vector(BoxSize, "smooth_field")
     workers = -1
     c = scipy.fft.rfftn(arr, workers=workers)
-    c *= fourier.fourier_factor(
-        fourier.kvectors(arr.shape, box), "lowpass", lambda k: fourier.gaussian_filter(k, radius)
-    )
+    c *= factor(tuple(slice(0, n) for n in c.shape))
     # the convention's r2c/c2r factors cancel in a filter round trip; irfftn's 1/N is the c2r one
     return scipy.fft.irfftn(c, s=arr.shape, workers=workers)
 
 
 def relative_difference_map(
-    pred, ref, BoxSize, clip: float = 0.5, smooth: float = 0.2
+    pred, ref, BoxSize, clip: float = 0.5, smooth: float = 0.2, comm=None
 ) -> np.ndarray:
     """``(pred - ref) / ref`` after clipping and smoothing both maps (paper's maps, sec. IV C).
 
@@ -181,21 +199,26 @@ def relative_difference_map(
         in stellar mass, HI-free gas around galaxies) do not produce infinite relative errors.
     smooth : float
         Gaussian smoothing radius in Mpc/h (0.2 = the paper's 200 kpc/h); 0 disables it.
+    comm : MPI communicator, optional
+        With more than one rank, ``pred``, ``ref`` and the result are this rank's x slabs.
 
     Returns
     -------
-    numpy.ndarray (float64) of the mesh shape.
+    numpy.ndarray (float64) of the mesh shape (of the slab with ``comm``).
     """
     p = np.asarray(pred, dtype=np.float64)
     r = np.asarray(ref, dtype=np.float64)
     if p.shape != r.shape or p.ndim != 3:
         raise ValueError(f"pred and ref must be 3D meshes of one shape, got {p.shape}, {r.shape}")
-    floor = clip * r.mean()
+    mean = r.mean()
+    if comm is not None and comm.size > 1:
+        mean = comm.allreduce(float(r.sum())) / comm.allreduce(r.size)
+    floor = clip * mean
     if not floor > 0:
         raise ValueError(
             f"clip * mean(ref) = {floor} must be positive for a relative difference "
-            f"(mean(ref) = {r.mean()})"
+            f"(mean(ref) = {mean})"
         )
-    ps = smooth_field(np.maximum(p, floor), BoxSize, smooth)
-    rs = smooth_field(np.maximum(r, floor), BoxSize, smooth)
+    ps = smooth_field(np.maximum(p, floor), BoxSize, smooth, comm)
+    rs = smooth_field(np.maximum(r, floor), BoxSize, smooth, comm)
     return (ps - rs) / rs

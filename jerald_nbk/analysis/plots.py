@@ -91,7 +91,9 @@ def plot_power_comparison(path, results: Mapping[str, Mapping], title: str | Non
     return _save(fig, path)
 
 
-def project_slab(field, BoxSize, thickness: float, axis: int = 2, start: float = 0.0) -> np.ndarray:
+def project_slab(
+    field, BoxSize, thickness: float, axis: int = 2, start: float = 0.0, comm=None
+) -> np.ndarray | None:
     """Mean of a mesh over a slab ``[start, start + thickness)`` Mpc/h along ``axis``.
 
     Parameters
@@ -104,19 +106,38 @@ def project_slab(field, BoxSize, thickness: float, axis: int = 2, start: float =
         wraps around the periodic box.
     axis : int
         Projection axis.
+    comm : MPI communicator, optional
+        With more than one rank, ``field`` is this rank's x slab (planes in rank order, e.g.
+        :func:`jerald_nbk.analysis.power.slab_slices`): rank 0 receives the 2-D map, the other
+        ranks return None. No rank holds the 3-D mesh.
 
     Returns
     -------
     numpy.ndarray, the 2D map of the two remaining axes (in their order).
     """
+    from .power import _global_shape
+
     arr = np.asarray(field)
-    box = box_vector(BoxSize, "project_slab", ndim=arr.ndim)
-    n = arr.shape[axis]
+    shape = _global_shape(arr, comm) if arr.ndim == 3 else arr.shape
+    box = box_vector(BoxSize, "project_slab", ndim=len(shape))
+    n = shape[axis]
     cell = box[axis] / n
     first = int(np.floor(start / cell + 0.5))
     count = int(min(n, max(1, round(thickness / cell))))
     idx = (first + np.arange(count)) % n
-    return np.take(arr, idx, axis=axis).mean(axis=axis)
+    if comm is None or comm.size == 1:
+        return np.take(arr, idx, axis=axis).mean(axis=axis)
+    from mpi4py import MPI
+
+    if axis == 0:  # the slab's planes lie on some ranks: add their sums on rank 0
+        x0 = comm.exscan(arr.shape[0]) or 0
+        mine = idx[(idx >= x0) & (idx < x0 + arr.shape[0])] - x0
+        part = np.asarray(arr[mine].sum(axis=0), dtype=np.float64)
+        total = np.zeros_like(part) if comm.rank == 0 else None
+        comm.Reduce(part, total, op=MPI.SUM, root=0)
+        return None if comm.rank else total / count
+    parts = comm.gather(np.take(arr, idx, axis=axis).mean(axis=axis), root=0)
+    return None if comm.rank else np.concatenate(parts, axis=0)
 
 
 def plot_slices(
@@ -132,6 +153,7 @@ def plot_slices(
     labels: Sequence[str] = ("reference", "prediction"),
     title: str | None = None,
     log: bool | None = None,
+    comm=None,
 ) -> Path:
     """Reference, prediction and relative difference, projected over a slab.
 
@@ -152,20 +174,24 @@ def plot_slices(
     title : str, optional
     log : bool, optional
         Logarithmic colour scale for the maps; default when both projected maps are positive.
+    comm : MPI communicator, optional
+        With more than one rank, ``ref`` and ``pred`` are this rank's x slabs; the projections
+        are put together on rank 0, which alone draws the figure.
 
     Returns
     -------
     Path of the PNG.
     """
+    box = box_vector(BoxSize, "plot_slices")
+    ref_p = project_slab(ref, box, thickness, axis, start, comm)
+    pred_p = project_slab(pred, box, thickness, axis, start, comm)
+    rel = relative_difference_map(pred, ref, box, clip, smooth, comm)
+    diff = project_slab(rel, box, thickness, axis, start, comm)
+    if ref_p is None:  # not rank 0
+        return Path(path)
     plt = _pyplot()
     from matplotlib.colors import LogNorm, Normalize
 
-    box = box_vector(BoxSize, "plot_slices")
-    ref_p = project_slab(ref, box, thickness, axis, start)
-    pred_p = project_slab(pred, box, thickness, axis, start)
-    diff = project_slab(
-        relative_difference_map(pred, ref, box, clip, smooth), box, thickness, axis, start
-    )
     both = np.concatenate([ref_p.ravel(), pred_p.ravel()])
     if log is None:
         log = bool(np.all(both > 0))

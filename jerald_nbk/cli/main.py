@@ -796,17 +796,41 @@ def cmd_paint(args) -> int:
     return 0
 
 
+def _read_map_slab(path, comm, allow_negative: bool):
+    """This rank's x slab of a map for spectra (``analysis.power.slab_slices``), its attrs and
+    the whole mesh's shape; the values are checked on every rank and a bad cell anywhere stops
+    every rank with its message."""
+    import numpy as np
+
+    from ..analysis.power import slab_slices
+    from ..io import read_mesh_slab
+    from ..train.validate import check_map_values
+
+    _, head = read_mesh_slab(path, (slice(0, 0),), comm=comm)  # the header only
+    nmesh = tuple(int(n) for n in np.atleast_1d(head["Nmesh"]))
+    if len(nmesh) != 3:
+        raise ValueError(f"map {path}: expected a 3-D mesh, found shape {nmesh}")
+    arr, attrs = read_mesh_slab(path, slab_slices(nmesh, comm), comm=comm)
+    error = None
+    try:
+        check_map_values(arr, f"map {path}", allow_negative)
+    except ValueError as err:
+        error = err
+    error = next((e for e in comm.allgather(error) if e is not None), None)
+    if error is not None:
+        raise error
+    return arr, attrs, nmesh
+
+
 def cmd_power(args) -> int:
     """``jerald power``: spectra and figures of merit of maps; under MPI each rank reads and
     transforms only its x slab (pmesh's distributed FFT), and rank 0 writes the results."""
-    import numpy as np
     from mpi4py import MPI
 
     from ..analysis.metrics import figures_of_merit
     from ..analysis.plots import plot_power_comparison
-    from ..analysis.power import power_spectrum, slab_slices
-    from ..io import read_mesh_slab
-    from ..train.validate import check_map_values, check_same_box
+    from ..analysis.power import power_spectrum
+    from ..train.validate import check_same_box
     from ..utils import atomic_write, json_safe, root_only
 
     comm = MPI.COMM_WORLD
@@ -817,19 +841,7 @@ def cmd_power(args) -> int:
     out = Path(args.out)
     maps = []
     for path in args.maps:
-        _, head = read_mesh_slab(path, (slice(0, 0),), comm=comm)  # the header only
-        nmesh = tuple(int(n) for n in np.atleast_1d(head["Nmesh"]))
-        if len(nmesh) != 3:
-            raise ValueError(f"map {path}: expected a 3-D mesh, found shape {nmesh}")
-        arr, attrs = read_mesh_slab(path, slab_slices(nmesh, comm), comm=comm)
-        error = None
-        try:  # this rank's cells; a bad cell on any rank stops every rank with its message
-            check_map_values(arr, f"map {path}", args.allow_negative)
-        except ValueError as err:
-            error = err
-        error = next((e for e in comm.allgather(error) if e is not None), None)
-        if error is not None:
-            raise error
+        arr, attrs, nmesh = _read_map_slab(path, comm, args.allow_negative)
         check_same_box(maps[0][1] if maps else attrs, f"map {args.maps[0]}", attrs, f"map {path}")
         maps.append((arr, attrs, nmesh))
     ref, rattrs, rshape = maps[0]
@@ -861,14 +873,18 @@ def cmd_power(args) -> int:
 
 
 def cmd_report(args) -> int:
+    """``jerald report``: figures of merit, spectra and slice plots against a reference map;
+    under MPI each rank reads and transforms only its x slab, and rank 0 draws and writes."""
+    from mpi4py import MPI
+
     from ..analysis.metrics import figures_of_merit
     from ..analysis.plots import plot_power_comparison, plot_slices
     from ..analysis.report import fom_table, write_report
-    from ..io import read_mesh
-    from ..train.validate import check_map_values, check_same_box
+    from ..train.validate import check_same_box
+    from ..utils import root_only
 
-    ref, rattrs = read_mesh(args.ref)
-    check_map_values(ref, f"map {args.ref}", args.allow_negative)
+    comm = MPI.COMM_WORLD
+    ref, rattrs, rshape = _read_map_slab(args.ref, comm, args.allow_negative)
     box = rattrs["BoxSize"]
     out = Path(args.out)
     preds = []
@@ -876,31 +892,39 @@ def cmd_report(args) -> int:
         if "=" not in item:
             raise SystemExit(f"jerald report: --pred expects LABEL=MAP, got {item!r}")
         label, path = item.split("=", 1)
-        m, mattrs = read_mesh(path)
-        check_map_values(m, f"map {path}", args.allow_negative)
+        m, mattrs, shape = _read_map_slab(path, comm, args.allow_negative)
         check_same_box(rattrs, f"map {args.ref}", mattrs, f"map {path}")
+        if shape != rshape:
+            raise ValueError(f"map {path}: Nmesh {list(shape)}, the reference's {list(rshape)}")
         preds.append((label, m))
     results, figs = {}, []
     for label, m in preds:
-        results[label] = figures_of_merit(m, ref, box)
-        figs.append(
-            (
-                f"{label} slices",
-                plot_slices(out / f"slices_{label}.png", ref, m, box, labels=("reference", label)),
-            )
+        results[label] = figures_of_merit(m, ref, box, comm=comm)
+        png = plot_slices(
+            out / f"slices_{label}.png", ref, m, box, labels=("reference", label), comm=comm
         )
-    figs.insert(0, ("power spectra and r(k)", plot_power_comparison(out / "power.png", results)))
-    path = write_report(
-        out / "report.md",
-        [{"title": "Figures of merit (h/Mpc)", "table": fom_table(results), "figures": figs}],
-        title=args.title,
-        provenance={
-            "reference": args.ref,
-            "predictions": ", ".join(args.pred),
-            "command": " ".join(sys.argv),
-        },
-    )
-    print(f"[jerald] report: {path}")
+        figs.append((f"{label} slices", png))
+    with root_only(comm if comm.size > 1 else None, "the report") as root:
+        if root:
+            power_png = plot_power_comparison(out / "power.png", results)
+            figs.insert(0, ("power spectra and r(k)", power_png))
+            path = write_report(
+                out / "report.md",
+                [
+                    {
+                        "title": "Figures of merit (h/Mpc)",
+                        "table": fom_table(results),
+                        "figures": figs,
+                    }
+                ],
+                title=args.title,
+                provenance={
+                    "reference": args.ref,
+                    "predictions": ", ".join(args.pred),
+                    "command": " ".join(sys.argv),
+                },
+            )
+            print(f"[jerald] report: {path}")
     return 0
 
 
