@@ -84,17 +84,22 @@ inline int64_t channels(const Grid& g) {
 // contributions that land in its planes. Every cell then receives its contributions in particle
 // order, exactly as in a serial loop, so the result is bitwise independent of the thread count,
 // with no sort and no extra memory.
+//
+// Inside the parallel region the channel count and the grid are the region's own (a constant and a
+// private copy): GCC outlines the region before propagating constants, so a count declared
+// outside it is read from memory at every add, and the inner loop over channels is not unrolled
+// (measured: 62 ms against 28 ms for one 128^3 paint on one thread).
 template <typename T, int NCH>
-void paint_impl(T* mesh, const T* pos, const T* w, int64_t npart, const Grid& g) {
-  const int64_t nch = channels<NCH>(g);
-  const int64_t ncell = g.n[0] * g.n[1] * g.n[2] * nch;
-  std::fill(mesh, mesh + ncell, T(0));
-  const int64_t nx = g.n[0];
+void paint_impl(T* mesh, const T* pos, const T* w, int64_t npart, const Grid& grid) {
+  std::fill(mesh, mesh + grid.n[0] * grid.n[1] * grid.n[2] * channels<NCH>(grid), T(0));
   int nthr = num_threads();
   if (npart < 4096) nthr = 1;
-  if (nthr > nx) nthr = static_cast<int>(nx);
+  if (nthr > grid.n[0]) nthr = static_cast<int>(grid.n[0]);
 #pragma omp parallel num_threads(nthr)
   {
+    const Grid g = grid;
+    const int64_t nch = channels<NCH>(g);
+    const int64_t nx = g.n[0];
 #ifdef _OPENMP
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
 #else
@@ -197,27 +202,37 @@ void readout_vjp_pos_impl(const T* mesh, const T* pos, const T* gout, T* out, in
     double f[3];
     cell_of(pos + 3 * p, gl, i0, i1, f);
     const int64_t ix[2] = {i0[0], i1[0]}, iy[2] = {i0[1], i1[1]}, iz[2] = {i0[2], i1[2]};
-    const double wx[2] = {1.0 - f[0], f[0]}, wy[2] = {1.0 - f[1], f[1]}, wz[2] = {1.0 - f[2], f[2]};
-    const double dw[2] = {-1.0, 1.0};
+    const double wx[2] = {1.0 - f[0], f[0]}, wy[2] = {1.0 - f[1], f[1]};
     const T* gp = gout + nch * p;
     T gl_[NCH > 0 ? NCH : 1];
     if constexpr (NCH > 0)
       for (int ch = 0; ch < NCH; ++ch) gl_[ch] = gp[ch];
-    double a0 = 0.0, a1 = 0.0, a2 = 0.0;
+    // v[a][b][c] = g . mesh at the corner; the gradient of the trilinear interpolation, factored
+    // axis by axis (z, then y, then x): a fifth of the multiplications of the corner-by-corner sum
+    double v[2][2][2];
     for (int a = 0; a < 2; ++a)
       for (int b = 0; b < 2; ++b)
         for (int c = 0; c < 2; ++c) {
           const T* cell = mesh + ((ix[a] * gl.n[1] + iy[b]) * gl.n[2] + iz[c]) * nch;
-          double v = 0.0;
+          double s = 0.0;
           if constexpr (NCH > 0) {
-            for (int ch = 0; ch < NCH; ++ch) v += static_cast<double>(gl_[ch]) * cell[ch];
+            for (int ch = 0; ch < NCH; ++ch) s += static_cast<double>(gl_[ch]) * cell[ch];
           } else {
-            for (int64_t ch = 0; ch < nch; ++ch) v += static_cast<double>(gp[ch]) * cell[ch];
+            for (int64_t ch = 0; ch < nch; ++ch) s += static_cast<double>(gp[ch]) * cell[ch];
           }
-          a0 += v * dw[a] * wy[b] * wz[c];
-          a1 += v * wx[a] * dw[b] * wz[c];
-          a2 += v * wx[a] * wy[b] * dw[c];
+          v[a][b][c] = s;
         }
+    double yz[2], dy[2], dz[2];  // per x plane: value, d/dy and d/dz of the bilinear (y, z) part
+    for (int a = 0; a < 2; ++a) {
+      const double z0 = v[a][0][0] + f[2] * (v[a][0][1] - v[a][0][0]);  // along z, at y0
+      const double z1 = v[a][1][0] + f[2] * (v[a][1][1] - v[a][1][0]);  // along z, at y1
+      yz[a] = z0 + f[1] * (z1 - z0);
+      dy[a] = z1 - z0;
+      dz[a] = wy[0] * (v[a][0][1] - v[a][0][0]) + wy[1] * (v[a][1][1] - v[a][1][0]);
+    }
+    const double a0 = yz[1] - yz[0];
+    const double a1 = wx[0] * dy[0] + wx[1] * dy[1];
+    const double a2 = wx[0] * dz[0] + wx[1] * dz[1];
     out[3 * p] = static_cast<T>(a0 * gl.scale[0]);
     out[3 * p + 1] = static_cast<T>(a1 * gl.scale[1]);
     out[3 * p + 2] = static_cast<T>(a2 * gl.scale[2]);

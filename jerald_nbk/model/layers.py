@@ -21,14 +21,26 @@ from ..pm.base import ParticleMesh
 EPS = 1e-8
 
 
+def positive_power(x, p):
+    """``x ** p`` for ``x > 0`` as ``exp(p log x)``, which XLA vectorises on a CPU.
+
+    A power with a traced exponent compiles to one scalar ``powf`` call per element (and its
+    derivative to another): at 128^3, 4.5% of a 1-layer DM training step. ``exp`` and ``log``
+    are vector loops. Relative difference to ``x ** p``: a few float32 ulps times ``|p log x|``.
+    """
+    return jnp.exp(p * jnp.log(x))
+
+
 def green_exponential(pm: ParticleMesh, kh, kl, nu):
     """Eq 7 (JERALD's DM form): ``exp(-kh/k) exp(-k/kl) k^nu``; 0 at k = 0 (:data:`fourier.K0_VALUES`)."""
-    return pm.fourier_factor("green", lambda k: jnp.exp(-kh / k - k / kl) * k**nu)
+    return pm.fourier_factor("green", lambda k: jnp.exp(-kh / k - k / kl + nu * jnp.log(k)))
 
 
 def green_gaussian(pm: ParticleMesh, kh, kl, nu):
     """Eq 6 (LDL's form; stellar mass and HI): ``exp(-(kh/k)^2) exp(-(k/kl)^2) k^nu``; 0 at k = 0."""
-    return pm.fourier_factor("green", lambda k: jnp.exp(-((kh / k) ** 2) - (k / kl) ** 2) * k**nu)
+    return pm.fourier_factor(
+        "green", lambda k: jnp.exp(-((kh / k) ** 2) - (k / kl) ** 2 + nu * jnp.log(k))
+    )
 
 
 #: the Green's functions by the shape of their cut-offs (eq 7: exponential, eq 6: Gaussian)
@@ -66,7 +78,7 @@ def green_name(kind: str) -> str:
 
 def power_source(one_plus_delta, gamma):
     """``f(delta) = (1 + delta + EPS)^gamma`` (eq 2)."""
-    return (one_plus_delta + EPS) ** gamma
+    return positive_power(one_plus_delta + EPS, gamma)
 
 
 def fourier_source(pm: ParticleMesh, rho, gamma, alpha, kh, kl, nu, green="exponential"):

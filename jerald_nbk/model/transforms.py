@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from ..pm.base import ParticleMesh
-from .layers import EPS
+from .layers import EPS, positive_power
 
 #: floor of ``1 + delta_star``, relative to the stellar map's mean (model.md: "floored at a tiny
 #: positive value"). Relative, so that the HI model does not depend on the units of the stellar map
@@ -21,7 +21,7 @@ def dm_transform(one_plus_delta):
 
 def stellar_transform(one_plus_delta, w, mu, b):
     """Eq 8: ``F = ReLU(w (1 + delta_out)^mu - b)``, stellar mass in 1e10 Msun/h per cell."""
-    return jax.nn.relu(w * (one_plus_delta + EPS) ** mu - b)
+    return jax.nn.relu(w * positive_power(one_plus_delta + EPS, mu) - b)
 
 
 def star_overdensity(pm: ParticleMesh, stellar_map):
@@ -37,7 +37,10 @@ def star_overdensity(pm: ParticleMesh, stellar_map):
 
 def filter_OI(pm: ParticleMesh, kIh, kIl, nuI, xi):
     """Eq 15: ``O_I(k) = exp(-kIh/k) exp(-k/kIl) k^nuI + xi``; ``O_I(0) = xi`` (``K0_VALUES``)."""
-    return pm.fourier_factor("depletion", lambda k: jnp.exp(-kIh / k - k / kIl) * k**nuI) + xi
+    return (
+        pm.fourier_factor("depletion", lambda k: jnp.exp(-kIh / k - k / kIl + nuI * jnp.log(k)))
+        + xi
+    )
 
 
 def hi_transform(pm: ParticleMesh, one_plus_delta, star, p: dict):
@@ -49,8 +52,8 @@ def hi_transform(pm: ParticleMesh, one_plus_delta, star, p: dict):
     """
     zs = p.get("zs", 0.0)
     filtered = pm.apply_fourier(star, filter_OI(pm, p["kIh"], p["kIl"], p["nuI"], p["xi"]))
-    depletion = (
-        jax.nn.relu(p["beta1"] * filtered + p["eta"]) + p["beta2"] * (star + EPS) ** p["gamma3"]
+    depletion = jax.nn.relu(p["beta1"] * filtered + p["eta"]) + p["beta2"] * positive_power(
+        star + EPS, p["gamma3"]
     )
     base = jax.nn.relu(one_plus_delta + zs) + EPS
-    return jax.nn.relu(p["w"] * base ** p["mu"] - depletion - p["b"])
+    return jax.nn.relu(p["w"] * positive_power(base, p["mu"]) - depletion - p["b"])
