@@ -45,6 +45,7 @@ from ..utils import (
 )
 from .loss import (
     SELECTION_RULES,
+    mask_cells,
     masked_losses,
     selection_losses,
     selection_score,
@@ -142,8 +143,9 @@ def _step_functions(model, p: int, jit) -> tuple:
         F = m.forward(pair["pos"], raw, star=pair.get("star"), density0=pair["density0"])
         # in units of the map's amplitude (see Objective): unit-free losses and gradients
         F, target = F / data["unit"], pair["target"] / data["unit"]
-        out = masked_losses(m.pm, F, target, data["masks"], p, data.get("filt"))
-        out |= selection_losses(m.pm, F, target, data["masks"], p)
+        cells = data.get("cells")
+        out = masked_losses(m.pm, F, target, data["masks"], p, data.get("filt"), cells)
+        out |= selection_losses(m.pm, F, target, data["masks"], p, cells)
         return out["train"], out
 
     def summed(fn, raw, data):
@@ -309,6 +311,7 @@ class Objective:
         data = {
             "pairs": tuple(pairs),
             "masks": self.masks,
+            "cells": mask_cells(pm, self.masks),
             "unit": jnp.asarray(self.unit, dtype=pm.dtype),
         }
         if self.filt is not None:
@@ -919,7 +922,7 @@ def _train(
                 with atomic_write(metrics, "w") as fh:
                     fh.write("".join(json.dumps(rec) + "\n" for rec in history))
 
-    fractions = {k: float(stage.pm.sum(m.astype(dtype))) for k, m in objective.masks.items()}
+    fractions = {k: float(v) for k, v in objective.data["cells"].items()}
 
     def score(losses: dict) -> float:
         if not np.isfinite(losses.get("validation", np.inf)):  # the initial "no best yet"

@@ -68,21 +68,33 @@ def smoothing_filter(pm: ParticleMesh, n: float):
     return pm.fourier_factor("smoothing", lambda k: 1.0 + k ** (-n))
 
 
-def masked_losses(pm: ParticleMesh, F, F_ref, masks: dict, p: int = 2, filt=None) -> dict:
+def mask_cells(pm: ParticleMesh, masks: dict, dtype=None) -> dict:
+    """Cells in each region of ``masks`` (over every rank), as scalars of ``dtype``.
+
+    The split is fixed for a run: :class:`~jerald_nbk.train.loop.Objective` counts once and
+    passes the counts to :func:`masked_losses`, which would otherwise convert and sum every mask
+    in every step (a mesh-sized temporary each).
+    """
+    dtype = dtype or pm.dtype
+    return {name: jnp.asarray(pm.sum(m.astype(dtype)), dtype) for name, m in masks.items()}
+
+
+def masked_losses(
+    pm: ParticleMesh, F, F_ref, masks: dict, p: int = 2, filt=None, cells=None
+) -> dict:
     """Eq 10 on each region: ``mean_region |O_s (F - F_ref)|^p``.
 
     The smoothing acts on the residual over the whole periodic box before masking, so it mixes
     values across region boundaries by up to the filter's width (the paper does the same; say so
-    when quoting test losses).
+    when quoting test losses). ``cells``: the regions' cell counts (:func:`mask_cells`), counted
+    here when not given.
     """
     r = F - F_ref
     if filt is not None:
         r = pm.apply_fourier(r, filt)
     e = jnp.abs(r) ** p if p != 2 else r * r
-    out = {}
-    for name, m in masks.items():
-        out[name] = pm.sum(jnp.where(m, e, 0.0)) / pm.sum(m.astype(e.dtype))
-    return out
+    cells = cells if cells is not None else mask_cells(pm, masks, e.dtype)
+    return {name: pm.sum(jnp.where(m, e, 0.0)) / cells[name] for name, m in masks.items()}
 
 
 #: How the kept ("best") parameters are chosen among the training steps, by the score of each step:
@@ -100,11 +112,12 @@ SELECTION_RULES = ("validation", "smoothed-validation", "train+validation")
 SELECTION_RADIUS_CELLS = 2.0
 
 
-def selection_losses(pm: ParticleMesh, F, F_ref, masks: dict, p: int = 2) -> dict:
+def selection_losses(pm: ParticleMesh, F, F_ref, masks: dict, p: int = 2, cells=None) -> dict:
     """Extra per-step scores used by the selection rules (no gradient needed).
 
     Returns ``{"validation_smoothed": mean_validation |G_R * (F - F_ref)|^p}`` with ``G_R`` a
-    Gaussian of :data:`SELECTION_RADIUS_CELLS` cells (the smallest cell size of the mesh).
+    Gaussian of :data:`SELECTION_RADIUS_CELLS` cells (the smallest cell size of the mesh);
+    ``cells`` as in :func:`masked_losses`.
     """
     from ..pm.fourier import gaussian_filter
 
@@ -113,7 +126,8 @@ def selection_losses(pm: ParticleMesh, F, F_ref, masks: dict, p: int = 2) -> dic
     r = pm.apply_fourier(F - F_ref, lowpass)
     e = jnp.abs(r) ** p if p != 2 else r * r
     m = masks["validation"]
-    return {"validation_smoothed": pm.sum(jnp.where(m, e, 0.0)) / pm.sum(m.astype(e.dtype))}
+    count = cells["validation"] if cells is not None else pm.sum(m.astype(e.dtype))
+    return {"validation_smoothed": pm.sum(jnp.where(m, e, 0.0)) / count}
 
 
 def selection_score(losses: dict, rule: str, fractions: dict | None = None) -> float:
