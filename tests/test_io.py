@@ -647,6 +647,27 @@ def test_mpi_write_mesh_slab_no_rank_holds_the_mesh(tmp_path, name):
     assert not os.path.exists(path3)
 
 
+@pytest.mark.mpi(min_size=2)
+def test_mpi_write_mesh_slab_npy_fault_on_one_rank_writes_nothing(tmp_path, monkeypatch):
+    """A failure while one rank writes its part of a ``.npy`` (the test-only fault hook, rank 1)
+    is raised on every rank, and neither the file, its sidecar nor a temporary is left."""
+    from mpi4py import MPI
+
+    from jerald_nbk.pm import PmeshEngine
+    from jerald_nbk.utils import FAULT_ENV
+
+    comm = MPI.COMM_WORLD
+    root = _shared_dir(comm, tmp_path)
+    arr = random_mesh((8, 6, 4), np.float32, seed=34)
+    sl = PmeshEngine((8, 6, 4), 5.0, dtype="f4", comm=comm).local_slices("real")
+    monkeypatch.setenv(FAULT_ENV, "write:1")
+    path = os.path.join(root, "m.npy")
+    with pytest.raises(RuntimeError, match="injected fault at 'write' on rank 1"):
+        write_mesh_slab(path, arr[sl], sl, arr.shape, 5.0, comm=comm)
+    comm.Barrier()
+    assert os.listdir(root) == []
+
+
 # ------------------------------------------- metadata carried from inputs to outputs (issue 12)
 
 
