@@ -6,6 +6,8 @@
 //     `scale[d] = Nmesh[d] / BoxSize[d]` turns them into mesh units, cell i covers [i, i+1).
 //   * meshes are C-ordered (Nx, Ny, Nz, C): C channels painted or read with one set of weights.
 //   * paint:   mesh[c, ch] += w[p, ch] * W(u_p - c)         W = product of (1 - |t|) per axis
+//     (weights of shape (1, C): the same for every particle, e.g. unit masses, with no (N, C)
+//     array of ones; likewise the cotangent of readout_vjp_pos)
 //     readout: out[p, ch]   = sum_c mesh[c, ch] W(u_p - c)  (the exact adjoint of paint)
 //     readout_vjp_pos: out[p, d] = sum_ch g[p, ch] d/dx_d readout(p, ch)   (piecewise constant)
 //
@@ -90,7 +92,8 @@ inline int64_t channels(const Grid& g) {
 // outside it is read from memory at every add, and the inner loop over channels is not unrolled
 // (measured: 62 ms against 28 ms for one 128^3 paint on one thread).
 template <typename T, int NCH>
-void paint_impl(T* mesh, const T* pos, const T* w, int64_t npart, const Grid& grid) {
+void paint_impl(T* mesh, const T* pos, const T* w, int64_t wrows, int64_t npart,
+                const Grid& grid) {
   std::fill(mesh, mesh + grid.n[0] * grid.n[1] * grid.n[2] * channels<NCH>(grid), T(0));
   int nthr = num_threads();
   if (npart < 4096) nthr = 1;
@@ -99,6 +102,7 @@ void paint_impl(T* mesh, const T* pos, const T* w, int64_t npart, const Grid& gr
   {
     const Grid g = grid;
     const int64_t nch = channels<NCH>(g);
+    const int64_t wstep = wrows == 1 ? 0 : nch;  // one row of weights for every particle
     const int64_t nx = g.n[0];
 #ifdef _OPENMP
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -124,7 +128,7 @@ void paint_impl(T* mesh, const T* pos, const T* w, int64_t npart, const Grid& gr
       const double wx[2] = {1.0 - fx, fx}, wy[2] = {1.0 - fy, fy}, wz[2] = {1.0 - fz, fz};
       const int64_t ix[2] = {ix0, ix1};
       const bool own[2] = {own0, own1};
-      const T* wp = w + nch * p;
+      const T* wp = w + wstep * p;
       for (int a = 0; a < 2; ++a) {
         if (!own[a]) continue;
         T* base = mesh + ix[a] * plane;
@@ -140,10 +144,10 @@ void paint_impl(T* mesh, const T* pos, const T* w, int64_t npart, const Grid& gr
 }
 
 template <typename T>
-void paint(T* mesh, const T* pos, const T* w, int64_t npart, const Grid& g) {
-  if (g.nch == 1) return paint_impl<T, 1>(mesh, pos, w, npart, g);
-  if (g.nch == 3) return paint_impl<T, 3>(mesh, pos, w, npart, g);
-  return paint_impl<T, 0>(mesh, pos, w, npart, g);
+void paint(T* mesh, const T* pos, const T* w, int64_t wrows, int64_t npart, const Grid& g) {
+  if (g.nch == 1) return paint_impl<T, 1>(mesh, pos, w, wrows, npart, g);
+  if (g.nch == 3) return paint_impl<T, 3>(mesh, pos, w, wrows, npart, g);
+  return paint_impl<T, 0>(mesh, pos, w, wrows, npart, g);
 }
 
 template <typename T, int NCH>
@@ -191,9 +195,10 @@ void readout(const T* mesh, const T* pos, T* out, int64_t npart, const Grid& g) 
 
 // out[p, d] = sum_ch gout[p, ch] * d/dx_d readout(mesh[..., ch], x_p), in 1/(Mpc/h) units.
 template <typename T, int NCH>
-void readout_vjp_pos_impl(const T* mesh, const T* pos, const T* gout, T* out, int64_t npart,
-                          const Grid& g) {
+void readout_vjp_pos_impl(const T* mesh, const T* pos, const T* gout, int64_t grows, T* out,
+                          int64_t npart, const Grid& g) {
   const int64_t nch = channels<NCH>(g);
+  const int64_t gstep = grows == 1 ? 0 : nch;  // one cotangent row for every particle
   const int nthr = npart > 4096 ? num_threads() : 1;
   const Grid gl = g;  // private copy, kept in registers by the outlined body
 #pragma omp parallel for num_threads(nthr) schedule(static)
@@ -203,7 +208,7 @@ void readout_vjp_pos_impl(const T* mesh, const T* pos, const T* gout, T* out, in
     cell_of(pos + 3 * p, gl, i0, i1, f);
     const int64_t ix[2] = {i0[0], i1[0]}, iy[2] = {i0[1], i1[1]}, iz[2] = {i0[2], i1[2]};
     const double wx[2] = {1.0 - f[0], f[0]}, wy[2] = {1.0 - f[1], f[1]};
-    const T* gp = gout + nch * p;
+    const T* gp = gout + gstep * p;
     T gl_[NCH > 0 ? NCH : 1];
     if constexpr (NCH > 0)
       for (int ch = 0; ch < NCH; ++ch) gl_[ch] = gp[ch];
@@ -240,11 +245,11 @@ void readout_vjp_pos_impl(const T* mesh, const T* pos, const T* gout, T* out, in
 }
 
 template <typename T>
-void readout_vjp_pos(const T* mesh, const T* pos, const T* gout, T* out, int64_t npart,
-                     const Grid& g) {
-  if (g.nch == 1) return readout_vjp_pos_impl<T, 1>(mesh, pos, gout, out, npart, g);
-  if (g.nch == 3) return readout_vjp_pos_impl<T, 3>(mesh, pos, gout, out, npart, g);
-  return readout_vjp_pos_impl<T, 0>(mesh, pos, gout, out, npart, g);
+void readout_vjp_pos(const T* mesh, const T* pos, const T* gout, int64_t grows, T* out,
+                     int64_t npart, const Grid& g) {
+  if (g.nch == 1) return readout_vjp_pos_impl<T, 1>(mesh, pos, gout, grows, out, npart, g);
+  if (g.nch == 3) return readout_vjp_pos_impl<T, 3>(mesh, pos, gout, grows, out, npart, g);
+  return readout_vjp_pos_impl<T, 0>(mesh, pos, gout, grows, out, npart, g);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -279,14 +284,16 @@ ffi::Error PaintImpl(ffi::AnyBuffer pos, ffi::AnyBuffer w, double sx, double sy,
   Grid g;
   if (auto e = check_mesh(*mesh, g, sx, sy, sz, "cic_paint"); !e.success()) return e;
   const int64_t n = pos.dimensions()[0];
-  if (w.dimensions().size() != 2 || w.dimensions()[0] != n || w.dimensions()[1] != g.nch)
-    return ffi::Error::InvalidArgument("cic_paint: weights must have shape (N, C)");
+  const auto wd = w.dimensions();
+  if (wd.size() != 2 || (wd[0] != n && wd[0] != 1) || wd[1] != g.nch)
+    return ffi::Error::InvalidArgument("cic_paint: weights must have shape (N, C) or (1, C)");
   if (!same_float_type(pos.element_type(), {&w, &*mesh}))
     return ffi::Error::InvalidArgument("cic_paint: all buffers must be float32 or all float64");
   if (pos.element_type() == ffi::DataType::F32)
-    paint(mesh->typed_data<float>(), pos.typed_data<float>(), w.typed_data<float>(), n, g);
+    paint(mesh->typed_data<float>(), pos.typed_data<float>(), w.typed_data<float>(), wd[0], n, g);
   else
-    paint(mesh->typed_data<double>(), pos.typed_data<double>(), w.typed_data<double>(), n, g);
+    paint(mesh->typed_data<double>(), pos.typed_data<double>(), w.typed_data<double>(), wd[0], n,
+          g);
   return ffi::Error::Success();
 }
 
@@ -313,12 +320,15 @@ ffi::Error ReadoutVjpPosImpl(ffi::AnyBuffer mesh, ffi::AnyBuffer pos, ffi::AnyBu
   const int64_t n = pos.dimensions()[0];
   if (!same_float_type(pos.element_type(), {&mesh, &gout, &*out}))
     return ffi::Error::InvalidArgument("cic_readout_vjp_pos: mixed float types");
+  const auto gd = gout.dimensions();
+  if (gd.size() != 2 || (gd[0] != n && gd[0] != 1) || gd[1] != g.nch)
+    return ffi::Error::InvalidArgument("cic_readout_vjp_pos: cotangent must have shape (N, C) or (1, C)");
   if (pos.element_type() == ffi::DataType::F32)
     readout_vjp_pos(mesh.typed_data<float>(), pos.typed_data<float>(), gout.typed_data<float>(),
-                    out->typed_data<float>(), n, g);
+                    gd[0], out->typed_data<float>(), n, g);
   else
     readout_vjp_pos(mesh.typed_data<double>(), pos.typed_data<double>(),
-                    gout.typed_data<double>(), out->typed_data<double>(), n, g);
+                    gout.typed_data<double>(), gd[0], out->typed_data<double>(), n, g);
   return ffi::Error::Success();
 }
 
@@ -376,13 +386,13 @@ template <typename T>
 Arr<T> np_paint(Arr<T> pos, Arr<T> w, py::tuple shape, py::tuple scale) {
   auto pb = pos.request(), wb = w.request();
   check_np_pos(pb);
-  if (wb.ndim != 2 || wb.shape[0] != pb.shape[0])
-    throw std::invalid_argument("weights must have shape (N, C)");
+  if (wb.ndim != 2 || (wb.shape[0] != pb.shape[0] && wb.shape[0] != 1))
+    throw std::invalid_argument("weights must have shape (N, C) or (1, C)");
   Grid g = grid_from(shape, scale, wb.shape[1]);
   Arr<T> mesh({g.n[0], g.n[1], g.n[2], g.nch});
   {
     py::gil_scoped_release nogil;
-    paint(mesh.mutable_data(), pos.data(), w.data(), pb.shape[0], g);
+    paint(mesh.mutable_data(), pos.data(), w.data(), wb.shape[0], pb.shape[0], g);
   }
   return mesh;
 }
@@ -406,13 +416,15 @@ Arr<T> np_readout_vjp_pos(Arr<T> mesh, Arr<T> pos, Arr<T> gout, py::tuple scale)
   auto mb = mesh.request(), pb = pos.request(), gb = gout.request();
   check_np_pos(pb);
   if (mb.ndim != 4) throw std::invalid_argument("mesh must have shape (Nx, Ny, Nz, C)");
-  if (gb.ndim != 2 || gb.shape[0] != pb.shape[0] || gb.shape[1] != mb.shape[3])
-    throw std::invalid_argument("cotangent must have shape (N, C)");
+  if (gb.ndim != 2 || (gb.shape[0] != pb.shape[0] && gb.shape[0] != 1) ||
+      gb.shape[1] != mb.shape[3])
+    throw std::invalid_argument("cotangent must have shape (N, C) or (1, C)");
   Grid g = grid_from(py::make_tuple(mb.shape[0], mb.shape[1], mb.shape[2]), scale, mb.shape[3]);
   Arr<T> out({static_cast<int64_t>(pb.shape[0]), int64_t{3}});
   {
     py::gil_scoped_release nogil;
-    readout_vjp_pos(mesh.data(), pos.data(), gout.data(), out.mutable_data(), pb.shape[0], g);
+    readout_vjp_pos(mesh.data(), pos.data(), gout.data(), gb.shape[0], out.mutable_data(),
+                    pb.shape[0], g);
   }
   return out;
 }

@@ -72,7 +72,14 @@ class CICConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernel implementations: (N,3) positions, (N,C) weights, (Nx,Ny,Nz,C) meshes.
+# Kernel implementations: (N,3) positions, (N,C) weights, (Nx,Ny,Nz,C) meshes. Weights (and the
+# position gradient's cotangent) may also be one (1, C) row shared by every particle: the C++
+# kernels read it in place, so unit masses need no (N, 1) array of ones in a compiled step.
+
+
+def _per_particle(a, n):
+    """``a`` with one row per particle: a shared (1, C) row broadcast to (n, C)."""
+    return jnp.broadcast_to(a, (n, a.shape[1])) if a.shape[0] == 1 and n != 1 else a
 
 
 def _ffi_attrs(cfg: CICConfig) -> dict:
@@ -109,6 +116,7 @@ def _paint_impl(pos, w, cfg: CICConfig):
     if cfg.kernel == "cpp":
         out = jax.ShapeDtypeStruct(cfg.shape + (nch,), pos.dtype)
         return jax.ffi.ffi_call("jerald_cic_paint", out)(pos, w, **_ffi_attrs(cfg))
+    w = _per_particle(w, pos.shape[0])
     (pc, wc), _ = _chunked([pos, w], cfg.chunk)  # padded particles carry zero weight
 
     def body(mesh, xs):
@@ -146,7 +154,7 @@ def _readout_vjp_pos_impl(mesh, pos, g, cfg: CICConfig):
         out = jax.ShapeDtypeStruct((pos.shape[0], 3), pos.dtype)
         return jax.ffi.ffi_call("jerald_cic_readout_vjp_pos", out)(mesh, pos, g, **_ffi_attrs(cfg))
     nch = mesh.shape[-1]
-    (pc, gc), n = _chunked([pos, g], cfg.chunk)
+    (pc, gc), n = _chunked([pos, _per_particle(g, pos.shape[0])], cfg.chunk)
     flat_mesh = mesh.reshape(-1, nch)
     scale = jnp.asarray(cfg.scale, dtype=pos.dtype)
 
@@ -197,9 +205,14 @@ def _cic_paint_bwd(cfg, res, ct):
     if isinstance(ct, SymbolicZero):
         return None, None
     ct = ct.astype(pos.dtype)
+
+    def w_bar():
+        vals = _readout_impl(ct, pos, cfg)
+        return vals.sum(axis=0, keepdims=True) if w.shape[0] != vals.shape[0] else vals
+
     return (
         _zero_if(d_pos, lambda: _readout_vjp_pos_impl(ct, pos, w, cfg)),
-        _zero_if(d_w, lambda: _readout_impl(ct, pos, cfg)),
+        _zero_if(d_w, w_bar),
     )
 
 
@@ -308,7 +321,8 @@ class JaxEngine(ParticleMesh):
 
     def paint(self, pos, mass=None):
         pos = self._as_pos(pos)
-        w = self._weights(pos, mass)
+        # unit masses: one shared row of weights (no (N, 1) array of ones in a compiled step)
+        w = jnp.ones((1, 1), self.dtype) if mass is None else self._weights(pos, mass)
         mesh = cic_paint(pos, w, self._cfg)
         return mesh[..., 0] if mass is None or jnp.ndim(mass) <= 1 else mesh
 
