@@ -161,6 +161,10 @@ class TestHIMesh(_Check):
 
 
 class TestHIStar(_Check):
+    # y = sum F^2 ~ 470 against a directional derivative ~0.026: a 1e-6 step leaves ~5e-8 of
+    # round-off in the central difference (2e-6 relative, above rtol); at 1e-4 the difference
+    # agrees with the exact JVP to 3e-9 (and at 1e-3 to 4e-9: truncation is not the limit)
+    epsilon = 1e-4
     x = STAR0
     x_ = _directions(STAR0.shape, 3, seed=4)
     y = _hi_y()
