@@ -694,6 +694,20 @@ def abort(comm, message: str, code: int = 1) -> None:
     comm.Abort(code or 1)
 
 
+def raise_first(comm, error: BaseException | None) -> None:
+    """After a step each rank ran alone (a check, a read), raise the first rank's error on every rank.
+
+    ``error`` is this rank's (None if its step succeeded); every rank of ``comm`` must call this.
+    Without MPI (``comm`` None or one rank) this rank's error is raised as it is. For steps in
+    which the ranks call collectives, use :func:`gather_errors` (it cannot hang on a rank that
+    failed alone).
+    """
+    if comm is not None and comm.size > 1:
+        error = next((e for e in comm.allgather(error) if e is not None), None)
+    if error is not None:
+        raise error
+
+
 def gather_errors(comm, error, cleanup=None) -> list:
     """Every rank's error (None where its step succeeded) after a collective step, never hanging.
 

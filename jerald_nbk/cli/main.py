@@ -805,6 +805,7 @@ def _read_map_slab(path, comm, allow_negative: bool):
     from ..analysis.power import slab_slices
     from ..io import read_mesh_slab
     from ..train.validate import check_map_values
+    from ..utils import raise_first
 
     _, head = read_mesh_slab(path, (slice(0, 0),), comm=comm)  # the header only
     nmesh = tuple(int(n) for n in np.atleast_1d(head["Nmesh"]))
@@ -816,9 +817,7 @@ def _read_map_slab(path, comm, allow_negative: bool):
         check_map_values(arr, f"map {path}", allow_negative)
     except ValueError as err:
         error = err
-    error = next((e for e in comm.allgather(error) if e is not None), None)
-    if error is not None:
-        raise error
+    raise_first(comm, error)
     return arr, attrs, nmesh
 
 

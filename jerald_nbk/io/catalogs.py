@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils import atomic_dir, fault_point, gather_errors
+from ..utils import atomic_dir, fault_point, gather_errors, raise_first
 from . import _bigfile
 
 __all__ = ["read_catalog", "write_catalog", "rank_range", "catalog_columns", "catalog_attrs"]
@@ -309,9 +309,7 @@ def write_catalog(
                 res, err = _kept(keep_from, keep_dataset, columns, attrs, comm), None
             except (OSError, ValueError) as e:
                 res, err = None, e
-            first = next((e for e in comm.allgather(err) if e is not None), None)
-            if first is not None:
-                raise first
+            raise_first(comm, err)
             columns, attrs = res
         else:
             columns, attrs = _kept(keep_from, keep_dataset, columns, attrs, None)
@@ -348,10 +346,7 @@ def _write_mpi(path: Path, columns, attrs: dict, prefix: str, comm, overwrite: b
         cols, error = _check_columns(path, columns, where_rank), None
     except ValueError as err:
         cols, error = None, err
-    errors = comm.allgather(error)
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise first
+    raise_first(comm, error)
     layout = [(name, arr.dtype.str, arr.shape[1:]) for name, arr in cols.items()]
     layouts = comm.allgather(layout)
     if any(lay != layouts[0] for lay in layouts):

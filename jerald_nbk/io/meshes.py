@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..geometry import BOX_RTOL, box_vector, mesh_vector
-from ..utils import ForeignOutputError, atomic_dir, atomic_write
+from ..utils import ForeignOutputError, atomic_dir, atomic_write, raise_first
 from . import _bigfile
 
 __all__ = [
@@ -171,17 +171,13 @@ def write_mesh_slab(
         prepared = _prepare_mesh(path, part, slices, shape, BoxSize, attrs, dataset)
     except ValueError as err:
         error = err
+    raise_first(comm, error)
     if comm is not None and comm.size > 1:
-        errors = comm.allgather(error)
-        error = next((e for e in errors if e is not None), None)
-        if error is None:
-            dtypes = set(comm.allgather(prepared[0].dtype.str))
-            if len(dtypes) > 1:
-                error = ValueError(f"{where}: the ranks' parts differ in dtype: {sorted(dtypes)}")
-            elif sum(comm.allgather(prepared[0].size)) != int(np.prod(shape)):
-                error = ValueError(f"{where}: the ranks' parts do not tile a mesh of {shape}")
-    if error is not None:
-        raise error
+        dtypes = set(comm.allgather(prepared[0].dtype.str))
+        if len(dtypes) > 1:
+            raise ValueError(f"{where}: the ranks' parts differ in dtype: {sorted(dtypes)}")
+        if sum(comm.allgather(prepared[0].size)) != int(np.prod(shape)):
+            raise ValueError(f"{where}: the ranks' parts do not tile a mesh of {shape}")
     arr, slices, box, attrs, nmesh = prepared
     if _is_npy(path):
         _write_npy_slab(path, arr, slices, box, attrs, nmesh, comm, overwrite)
@@ -273,13 +269,6 @@ def _write_npy_slab(path: Path, arr, slices, box, attrs, nmesh, comm, overwrite)
     collective = comm is not None and comm.size > 1
     root = not collective or comm.rank == 0
 
-    def shared(error):
-        if collective:
-            errors = comm.allgather(error)
-            error = next((e for e in errors if e is not None), None)
-        if error is not None:
-            raise error
-
     tmp, error = None, None
     if root:
         try:
@@ -297,7 +286,7 @@ def _write_npy_slab(path: Path, arr, slices, box, attrs, nmesh, comm, overwrite)
             error = err
     if collective:
         tmp = comm.bcast(tmp, root=0)
-    shared(error)
+    raise_first(comm, error)
     try:
         try:
             fault_point("write")
@@ -307,7 +296,7 @@ def _write_npy_slab(path: Path, arr, slices, box, attrs, nmesh, comm, overwrite)
             del mm
         except Exception as err:  # noqa: BLE001 - raised on every rank
             error = err
-        shared(error)
+        raise_first(comm, error)
         if root:
             try:
                 with open(tmp, "rb+") as fh:
@@ -320,7 +309,7 @@ def _write_npy_slab(path: Path, arr, slices, box, attrs, nmesh, comm, overwrite)
                     fh.write(text)
             except (OSError, ValueError) as err:
                 error = err
-        shared(error)
+        raise_first(comm, error)
     finally:
         if root and tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -546,11 +535,7 @@ def read_mesh_slab(
         result = (arr[(slice(None), *rest)] if rest else arr), attrs
     except (OSError, ValueError) as err:
         error = err
-    if comm is not None and comm.size > 1:
-        errors = comm.allgather(error)
-        error = next((e for e in errors if e is not None), None)
-    if error is not None:
-        raise error
+    raise_first(comm, error)
     return result
 
 
