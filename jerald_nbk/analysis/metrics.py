@@ -153,7 +153,7 @@ def smooth_field(field, BoxSize, radius: float, comm=None) -> np.ndarray:
     -------
     numpy.ndarray (float64); its mean equals the input's (the k = 0 mode is untouched).
     """
-    from .power import _global_shape, _part
+    from .power import _global_shape, _part, _slab_pm
 
     arr = np.asarray(field, dtype=np.float64)
     if radius <= 0:
@@ -166,10 +166,7 @@ def smooth_field(field, BoxSize, radius: float, comm=None) -> np.ndarray:
         return fourier.fourier_factor(kvec, "lowpass", lambda k: fourier.gaussian_filter(k, radius))
 
     if comm is not None and comm.size > 1:
-        from pmesh.pm import ParticleMesh
-
-        pm = ParticleMesh(Nmesh=list(shape), BoxSize=box, dtype="f8", comm=comm, np=[comm.size, 1])
-        real = pm.create(type="real")
+        real = _slab_pm(shape, box, comm).create(type="real")
         real[...] = arr
         c = real.r2c()
         c[...] *= factor(tuple(slice(int(w.start), int(w.stop)) for w in c.slices))

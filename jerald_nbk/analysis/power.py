@@ -201,16 +201,21 @@ def default_edges(
     return edges
 
 
+def _slab_pm(shape, box, comm):
+    """pmesh's float64 mesh cut in x slabs, one per rank (the pmesh engine's cut)."""
+    from pmesh.pm import ParticleMesh
+
+    return ParticleMesh(Nmesh=list(shape), BoxSize=box, dtype="f8", comm=comm, np=[comm.size, 1])
+
+
 def slab_slices(Nmesh: Sequence[int], comm) -> tuple:
     """This rank's x slab of a mesh as the distributed spectra expect it (pmesh's cut in x).
 
     It is the pmesh engine's local mesh (:meth:`jerald_nbk.pm.PmeshEngine.local_slices`), so a
     rank reads it with :func:`jerald_nbk.io.read_mesh_slab` and passes it with ``comm``.
     """
-    from pmesh.pm import ParticleMesh
-
-    pm = ParticleMesh(Nmesh=list(Nmesh), BoxSize=1.0, dtype="f8", comm=comm, np=[comm.size, 1])
-    return tuple(slice(int(s.start), int(s.stop)) for s in pm.create(type="real").slices)
+    real = _slab_pm(Nmesh, 1.0, comm).create(type="real")
+    return tuple(slice(int(s.start), int(s.stop)) for s in real.slices)
 
 
 def _global_shape(arr: np.ndarray, comm) -> tuple[int, int, int]:
@@ -227,9 +232,12 @@ def _part(kvec, where) -> list:
     return [k[(slice(None),) * d + (w,)] for d, (k, w) in enumerate(zip(kvec, where, strict=True))]
 
 
-def _rfft(arr: np.ndarray, box: np.ndarray, compensate: bool, comm=None):
-    """Fourier modes of a real mesh, or of this rank's x slab of it: (modes, their slices)."""
-    shape = _global_shape(arr, comm)
+def _rfft(arr: np.ndarray, box: np.ndarray, compensate: bool, comm=None, shape=None):
+    """Fourier modes of a real mesh, or of this rank's x slab of it: (modes, their slices).
+
+    ``shape``: the whole mesh's (:func:`_global_shape`), when the caller knows it already.
+    """
+    shape = shape or _global_shape(arr, comm)
     if comm is None or comm.size == 1:
         import scipy.fft
 
@@ -239,12 +247,9 @@ def _rfft(arr: np.ndarray, box: np.ndarray, compensate: bool, comm=None):
         c *= fourier.r2c_scale(arr.size)
         where = tuple(slice(0, n) for n in c.shape)
     else:
-        from pmesh.pm import ParticleMesh
-
         # pmesh's distributed FFT (forward divided by the cells, like r2c_scale); its Fourier
         # slab is cut in y, and ``slices`` says where it lies
-        pm = ParticleMesh(Nmesh=list(shape), BoxSize=box, dtype="f8", comm=comm, np=[comm.size, 1])
-        real = pm.create(type="real")
+        real = _slab_pm(shape, box, comm).create(type="real")
         ok = real.value.shape == arr.shape
         if not all(comm.allgather(ok)):
             raise ValueError(
@@ -315,7 +320,7 @@ def power_spectrum(
         fields = [a]
         pairs = [(0, 0)]
     shape = _global_shape(a, comm)
-    modes_ = [_rfft(f, box, compensate, comm) for f in fields]
+    modes_ = [_rfft(f, box, compensate, comm, shape) for f in fields]
     cfields, where = [m[0] for m in modes_], modes_[0][1]
     edges = default_edges(shape, box, dk, kmin, kmax)
     k, modes, (power,) = _bin_power(
@@ -358,7 +363,7 @@ def cross_correlation(
         raise ValueError(f"b has shape {fb.shape}, a has {fa.shape}")
     box = box_vector(BoxSize, "cross_correlation")
     shape = _global_shape(fa, comm)
-    (ca, where), (cb, _) = (_rfft(f, box, compensate, comm) for f in (fa, fb))
+    (ca, where), (cb, _) = (_rfft(f, box, compensate, comm, shape) for f in (fa, fb))
     edges = default_edges(shape, box, dk, kmin, kmax)
     pairs = [(0, 0), (1, 1), (0, 1)]
     k, modes, (paa, pbb, pab) = _bin_power(
