@@ -130,8 +130,7 @@ _fourier_source.defvjp(_fourier_source_fwd, _fourier_source_bwd)
 
 def potential_displacement(pm: ParticleMesh, pos, phik, order=6):
     """``grad(phi)`` at the particles for a potential given in Fourier space: (N, 3)."""
-    comps = [pm.c2r(phik * d) for d in pm.gradient_kernels(order)]
-    return pm.readout(jnp.stack(comps, axis=-1), pos)
+    return pm.readout(pm.gradient_mesh(phik, order), pos)
 
 
 def displacement_layer(

@@ -100,6 +100,17 @@ class ParticleMesh(abc.ABC):
             for k, h in zip(self.kvec(), self.cellsize, strict=True)
         )
 
+    def gradient_mesh(self, phik, order=6):
+        """The gradient of a potential given in Fourier space, as a real 3-channel mesh (..., 3).
+
+        ``c2r(phik * 1j D(k_i))`` for each axis (:meth:`gradient_kernels`): three inverse FFTs.
+        Engines that hold the whole mesh may take the finite differences in real space instead
+        (one inverse FFT; the same values to rounding).
+        """
+        import jax.numpy as jnp
+
+        return jnp.stack([self.c2r(phik * d) for d in self.gradient_kernels(order)], axis=-1)
+
     @abc.abstractmethod
     def mesh_index(self) -> tuple:
         """Global integer cell indices (i, j, l) broadcastable to the local real mesh."""
