@@ -16,7 +16,7 @@ Usage::
 
     python -m benchmarks.run [--sizes 64,128,256] [--reps 5] [--quick] [--out PATH]
     python -m benchmarks.run --speed 128      # layer and 1-layer DM step, where the time goes
-    python -m benchmarks.run --marginal 128,192 [--remat off]   # bytes per particle
+    python -m benchmarks.run --marginal 256,320 [--remat off]   # bytes per particle
 
 The layer and training-step records carry a ``breakdown`` (:func:`breakdown`): the compiled
 program's FFTs and C++ CIC kernel calls, each charged its unit time measured alone, and the rest
@@ -49,6 +49,25 @@ def median_time(fn, reps: int, warmup: int = 1) -> float:
         fn()
         ts.append(time.perf_counter() - t0)
     return float(np.median(ts))
+
+
+def interleaved_medians(fns: dict, reps: int, warmup: int = 1) -> dict:
+    """Median wall times of several ``fn()``, called in turn (one of each per round), by key.
+
+    On a shared machine the speed of a process drifts by tens of per cent over a minute; taking
+    the unit (an FFT) and the measured program in the same rounds keeps their ratio from
+    following that drift, as timing them one after the other does not.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    ts = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in ts.items()}
 
 
 def machine_info() -> dict:
@@ -625,6 +644,19 @@ def available_bytes() -> int:
     raise RuntimeError("/proc/meminfo has no MemAvailable")
 
 
+def latest_marginal(large: dict) -> list[dict] | None:
+    """The marginal records (``large/marginal_N1_N2``) measured at the largest sizes, or None.
+
+    Below 256^3 glibc's dynamic mmap threshold (up to 32 MB) keeps freed buffers in the heap, and
+    the marginal bytes per particle between 128^3 and 192^3 overstate larger runs by a third
+    (measured: 118 against 88 with ``MALLOC_MMAP_THRESHOLD_`` fixed, or between 256^3 and 320^3).
+    """
+    keys = [k for k in large if k.startswith("marginal_") and k.count("_") == 2]
+    if not keys:
+        return None
+    return large[max(keys, key=lambda k: tuple(int(x) for x in k.split("_")[1:]))]
+
+
 def predicted_peak(stage: str, n: int, marginal: list[dict] | None) -> dict | None:
     """The peak RSS of ``stage``'s step at ``n^3`` predicted from a marginal record, or None.
 
@@ -709,14 +741,22 @@ def speed_records(n: int = 128, reps: int = 5, box: float = 100.0) -> dict:
     pm = JaxEngine(n, box)
     pos = jnp.asarray(zeldovich_particles(n, box, seed=0, rms_disp=1.0))
     mesh = jnp.asarray(np.random.default_rng(0).random((n, n, n)).astype(np.float32))
-    t_fft = median_time(lambda: _block(jax.jit(jnp.fft.rfftn)(mesh)), reps)
+    fft = jax.jit(jnp.fft.rfftn)
     units = unit_times(pm, pos, reps)
     layer, params = layer_fwd_vjp(pm, pos)
-    t_layer = median_time(lambda: _block(layer(params, pos)), reps)
+    step, raw = make_step("dm1", n, "jax", box, pos=pos)
+    # the unit and both programs in the same rounds (interleaved_medians)
+    t = interleaved_medians(
+        {
+            "fft": lambda: _block(fft(mesh)),
+            "layer": lambda: _block(layer(params, pos)),
+            "step": step,
+        },
+        reps,
+    )
+    t_fft, t_layer, t_step = t["fft"], t["layer"], t["step"]
     b_layer = breakdown(layer.lower(params, pos).compile().as_text(), units, t_layer, t_fft)
     _print_breakdown(f"layer forward + VJP at {n}^3", b_layer)
-    step, raw = make_step("dm1", n, "jax", box, pos=pos)
-    t_step = median_time(step, reps)
     obj = step.objective
     text = obj._value_and_grad.lower(raw, obj.data).compile().as_text()
     b_step = breakdown(text, units, t_step, t_fft)
@@ -870,7 +910,7 @@ def main(argv=None) -> int:
     if args.large:
         remat = {"on": True, "off": False, "default": None}[args.remat]
         old = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-        marginal = old.get("large", {}).get("marginal_128_192")  # predicts what fits (see there)
+        marginal = latest_marginal(old.get("large", {}))  # predicts what fits (see there)
         doc = large_records(args.size, remat=remat, marginal=marginal)
         merge_into(args.out, "large", str(args.size), doc)
         print(f"[bench-large] wrote large/{args.size} of {args.out}")
