@@ -252,6 +252,55 @@ void readout_vjp_pos(const T* mesh, const T* pos, const T* gout, int64_t grows, 
   return readout_vjp_pos_impl<T, 0>(mesh, pos, gout, grows, out, npart, g);
 }
 
+// Central finite-difference gradient of a periodic real mesh (Nx, Ny, Nz) -> (Nx, Ny, Nz, 3), and
+// its adjoint (Nx, Ny, Nz, 3) -> (Nx, Ny, Nz):
+//   forward: out[c, a] = sum_t coef[a][t] (f(c + (t+1) e_a) - f(c - (t+1) e_a))
+//   adjoint: out[c]    = -sum_a sum_t coef[a][t] (g_a(c + (t+1) e_a) - g_a(c - (t+1) e_a))
+// (the stencil is antisymmetric, so its adjoint is its negative). coef[a][t] = c_t / H_a with the
+// weights c_t of jerald_nbk.pm.fourier.FD_WEIGHTS, passed in by the caller. One pass over the mesh,
+// parallel over x planes; periodic neighbours from index tables.
+template <typename T, bool ADJ>
+void fd_gradient_impl(const T* in, T* out, const int64_t n[3], const double* coef, int m) {
+  const int64_t nx = n[0], ny = n[1], nz = n[2];
+  const int64_t cin = ADJ ? 3 : 1;
+  auto wrap = [](int64_t i, int64_t len) { return ((i % len) + len) % len; };
+  std::vector<int64_t> xp(nx * m), xm(nx * m), yp(ny * m), ym(ny * m), zp(nz * m), zm(nz * m);
+  for (int64_t i = 0; i < nx; ++i)
+    for (int t = 0; t < m; ++t) xp[i * m + t] = wrap(i + t + 1, nx), xm[i * m + t] = wrap(i - t - 1, nx);
+  for (int64_t i = 0; i < ny; ++i)
+    for (int t = 0; t < m; ++t) yp[i * m + t] = wrap(i + t + 1, ny), ym[i * m + t] = wrap(i - t - 1, ny);
+  for (int64_t i = 0; i < nz; ++i)
+    for (int t = 0; t < m; ++t) zp[i * m + t] = wrap(i + t + 1, nz), zm[i * m + t] = wrap(i - t - 1, nz);
+  int nthr = num_threads();
+  if (nx * ny * nz < 32768) nthr = 1;
+#pragma omp parallel for num_threads(nthr) schedule(static)
+  for (int64_t i = 0; i < nx; ++i) {
+    for (int64_t j = 0; j < ny; ++j) {
+      const int64_t row = (i * ny + j) * nz;
+      for (int64_t k = 0; k < nz; ++k) {
+        double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+        for (int t = 0; t < m; ++t) {
+          const int64_t px = ((xp[i * m + t] * ny + j) * nz + k) * cin;
+          const int64_t mx = ((xm[i * m + t] * ny + j) * nz + k) * cin;
+          const int64_t py = ((i * ny + yp[j * m + t]) * nz + k) * cin + (ADJ ? 1 : 0);
+          const int64_t my = ((i * ny + ym[j * m + t]) * nz + k) * cin + (ADJ ? 1 : 0);
+          const int64_t pz = (row + zp[k * m + t]) * cin + (ADJ ? 2 : 0);
+          const int64_t mz = (row + zm[k * m + t]) * cin + (ADJ ? 2 : 0);
+          s0 += coef[t] * (static_cast<double>(in[px]) - static_cast<double>(in[mx]));
+          s1 += coef[m + t] * (static_cast<double>(in[py]) - static_cast<double>(in[my]));
+          s2 += coef[2 * m + t] * (static_cast<double>(in[pz]) - static_cast<double>(in[mz]));
+        }
+        if constexpr (ADJ) {
+          out[row + k] = static_cast<T>(-(s0 + s1 + s2));
+        } else {
+          T* o = out + (row + k) * 3;
+          o[0] = static_cast<T>(s0), o[1] = static_cast<T>(s1), o[2] = static_cast<T>(s2);
+        }
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // XLA FFI handlers.
 
@@ -332,7 +381,46 @@ ffi::Error ReadoutVjpPosImpl(ffi::AnyBuffer mesh, ffi::AnyBuffer pos, ffi::AnyBu
   return ffi::Error::Success();
 }
 
+template <bool ADJ>
+ffi::Error FdGradientImpl(ffi::AnyBuffer in, double hx, double hy, double hz, double c1, double c2,
+                          double c3, int64_t taps, ffi::Result<ffi::AnyBuffer> out) {
+  const char* who = ADJ ? "fd_gradient_adjoint" : "fd_gradient";
+  auto d = in.dimensions();
+  auto od = out->dimensions();
+  const bool ok = ADJ ? (d.size() == 4 && d[3] == 3 && od.size() == 3)
+                      : (d.size() == 3 && od.size() == 4 && od[3] == 3);
+  if (!ok) return ffi::Error::InvalidArgument(std::string(who) + ": bad mesh shapes");
+  if (taps < 1 || taps > 3) return ffi::Error::InvalidArgument(std::string(who) + ": 1-3 taps");
+  if (!same_float_type(in.element_type(), {&*out}))
+    return ffi::Error::InvalidArgument(std::string(who) + ": mixed float types");
+  const int64_t n[3] = {d[0], d[1], d[2]};
+  const double c[3] = {c1, c2, c3}, h[3] = {hx, hy, hz};
+  double coef[9];
+  for (int a = 0; a < 3; ++a)
+    for (int t = 0; t < taps; ++t) coef[a * taps + t] = c[t] / h[a];
+  const int m = static_cast<int>(taps);
+  if (in.element_type() == ffi::DataType::F32)
+    fd_gradient_impl<float, ADJ>(in.typed_data<float>(), out->typed_data<float>(), n, coef, m);
+  else
+    fd_gradient_impl<double, ADJ>(in.typed_data<double>(), out->typed_data<double>(), n, coef, m);
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+#define JERALD_FD_BINDING                                                                          \
+  ffi::Ffi::Bind()                                                                                 \
+      .Arg<ffi::AnyBuffer>()                                                                       \
+      .Attr<double>("hx")                                                                          \
+      .Attr<double>("hy")                                                                          \
+      .Attr<double>("hz")                                                                          \
+      .Attr<double>("c1")                                                                          \
+      .Attr<double>("c2")                                                                          \
+      .Attr<double>("c3")                                                                          \
+      .Attr<int64_t>("taps")                                                                       \
+      .Ret<ffi::AnyBuffer>()
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldFdGradient, FdGradientImpl<false>, JERALD_FD_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldFdGradientAdjoint, FdGradientImpl<true>, JERALD_FD_BINDING);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicPaint, PaintImpl,
                               ffi::Ffi::Bind()
@@ -484,6 +572,8 @@ PYBIND11_MODULE(_cic, m) {
     d["jerald_cic_paint"] = capsule(JeraldCicPaint);
     d["jerald_cic_readout"] = capsule(JeraldCicReadout);
     d["jerald_cic_readout_vjp_pos"] = capsule(JeraldCicReadoutVjpPos);
+    d["jerald_fd_gradient"] = capsule(JeraldFdGradient);
+    d["jerald_fd_gradient_adjoint"] = capsule(JeraldFdGradientAdjoint);
     return d;
   }, "FFI handler capsules, by target name, for jax.ffi.register_ffi_target.");
   m.def("max_threads", &num_threads, "Threads the kernels use.");

@@ -212,16 +212,17 @@ def test_plane_wave_gradient(order, tol):
     np.testing.assert_allclose(dfdx, expect, atol=tol * kx)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("order,tol", [(4, 5e-3), (6, 5e-4), ("exact", 1e-12)])
 @pytest.mark.parametrize("axis", [0, 1, 2])
-def test_gradient_mesh_plane_wave(order, tol, axis):
+def test_gradient_mesh_plane_wave(order, tol, axis, kernel):
     # pm.gradient_mesh (the JAX engine takes orders 4 and 6 in real space) on f = sin(k x_axis):
     # the gradient is k cos(k x_axis) along that axis, up to O((k H)^order), and 0 along the others
     shape = [8, 8, 8]
     shape[axis] = 32
     box = [16.0, 16.0, 16.0]
     box[axis] = 64.0
-    pm = JaxEngine(tuple(shape), tuple(box), dtype="f8")
+    pm = JaxEngine(tuple(shape), tuple(box), dtype="f8", kernel=kernel)
     k = 2 * np.pi * 2 / 64.0
     x = (np.arange(32) * 2.0).reshape([-1 if a == axis else 1 for a in range(3)])
     f = jnp.asarray(np.broadcast_to(np.sin(k * x), pm.Nmesh))
@@ -247,11 +248,15 @@ def _numpy_fd_gradient(f, cells, order):
     )
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("order", [4, 6])
-def test_gradient_mesh_real_space_matches_stencil_and_fourier(order):
+@pytest.mark.parametrize(
+    "nmesh", [(12, 10, 14), (4, 5, 3)]
+)  # (4, 5, 3): stencils wider than the box
+def test_gradient_mesh_real_space_matches_stencil_and_fourier(order, kernel, nmesh):
     # the JAX engine's real-space gradient against (a) the stencil written with numpy and (b) the
     # Fourier factor of ParticleMesh.gradient_mesh (3 inverse FFTs), on an anisotropic random mesh
-    pm = JaxEngine((12, 10, 14), (30.0, 40.0, 21.0), dtype="f8")
+    pm = JaxEngine(nmesh, (30.0, 40.0, 21.0), dtype="f8", kernel=kernel)
     rng = np.random.default_rng(11)
     f = rng.normal(size=pm.Nmesh)
     fk = pm.r2c(jnp.asarray(f))
@@ -263,12 +268,13 @@ def test_gradient_mesh_real_space_matches_stencil_and_fourier(order):
     np.testing.assert_allclose(got, via_fourier, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("order", [4, 6, "exact"])
-def test_gradient_mesh_adjoint_identity(order):
+def test_gradient_mesh_adjoint_identity(order, kernel):
     # <G f, g> = <f, G^T g> with G^T from JAX's VJP (the real-space stencil has a hand-written
     # adjoint): in float64 to rounding, on a real mesh f (through r2c, whose own transpose is
     # checked above)
-    pm = JaxEngine((12, 10, 14), (30.0, 40.0, 21.0), dtype="f8")
+    pm = JaxEngine((12, 10, 14), (30.0, 40.0, 21.0), dtype="f8", kernel=kernel)
     rng = np.random.default_rng(12)
     f = jnp.asarray(rng.normal(size=pm.Nmesh))
     g = jnp.asarray(rng.normal(size=(*pm.Nmesh, 3)))

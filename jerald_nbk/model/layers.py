@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from ..pm.base import ParticleMesh
+from ..pm.remat import tied_to
 
 #: keeps ``(1 + delta + EPS)^gamma`` and its gradient finite in empty cells (model.md)
 EPS = 1e-8
@@ -86,51 +87,82 @@ def fourier_source(pm: ParticleMesh, rho, gamma, alpha, kh, kl, nu, green="expon
 
     Same values as ``alpha * pm.r2c(power_source(rho, gamma)) * GREENS[green](pm, kh, kl, nu)``;
     its backward pass recomputes the power law, the forward FFT and the Green's function from
-    ``rho`` and the five scalars once the cotangent is known, instead of keeping up to seven
-    meshes of intermediates alive from the forward pass to the end of the backward one (where a
-    training step's memory peaks): one more FFT and a few elementwise passes per layer for, at
-    32^3, a compiled 1-layer DM step's temporaries of 52 instead of 80 bytes per particle (2-layer
-    DM 91 instead of 141, 2-layer HI 123 instead of 196). ``alpha`` is applied in Fourier space,
-    so that the displacement itself needs not be kept for alpha's gradient.
+    ``rho`` and the five scalars once the cotangent is known (:mod:`jerald_nbk.pm.remat`), instead
+    of keeping up to seven meshes of intermediates alive from the forward pass to the end of the
+    backward one (where a training step's memory peaks): one more FFT and a few elementwise passes
+    per layer for, at 32^3, a compiled 1-layer DM step's temporaries of 52 instead of 80 bytes per
+    particle (2-layer DM 91 instead of 141, 2-layer HI 123 instead of 196). ``alpha`` is applied
+    in Fourier space, so that the displacement itself needs not be kept for alpha's gradient.
     """
+    return fourier_sources(pm, [(rho, gamma, alpha, kh, kl, nu, green, 1)])
+
+
+def fourier_sources(pm: ParticleMesh, terms):
+    """A signed sum of :func:`fourier_source` terms, whose backward passes run one after another.
+
+    Parameters
+    ----------
+    pm : ParticleMesh
+    terms : sequence of (rho, gamma, alpha, kh, kl, nu, green, sign)
+        ``sign`` is +1 or -1 (eq 12's stellar term is subtracted).
+
+    Returns
+    -------
+    complex mesh
+        ``sum sign * fourier_source(pm, rho, gamma, alpha, kh, kl, nu, green)``.
+
+    Notes
+    -----
+    Every term's recomputation is tied to the previous term's gradient, so that XLA does not
+    recompute two terms' intermediates at once (it did for the two sources of an HI layer, where
+    the step's memory peaked).
+    """
+    greens = tuple(green_name(t[6]) for t in terms)
+    signs = tuple(float(t[7]) for t in terms)
     # in the mesh's dtype: float64 parameters (JAX's x64 mode with a float32 engine) would
     # otherwise make every mesh of the layer and of its backward pass float64
-    scalars = (jnp.asarray(x, dtype=jnp.result_type(rho)) for x in (gamma, alpha, kh, kl, nu))
-    return _fourier_source(pm, green_name(green), rho, *scalars)
+    args = []
+    for rho, *scalars, _green, _sign in terms:
+        args += [rho] + [jnp.asarray(x, dtype=jnp.result_type(rho)) for x in scalars]
+    return _fourier_sources(pm, greens, signs, *args)
 
 
-def _fourier_source_impl(pm, green, rho, gamma, alpha, kh, kl, nu):
-    return alpha * pm.r2c(power_source(rho, gamma)) * GREENS[green](pm, kh, kl, nu)
+_TERM = 6  # arrays per term of _fourier_sources: rho, gamma, alpha, kh, kl, nu
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fourier_source(pm, green, rho, gamma, alpha, kh, kl, nu):
-    return _fourier_source_impl(pm, green, rho, gamma, alpha, kh, kl, nu)
+def _source_term(pm, green, sign, rho, gamma, alpha, kh, kl, nu):
+    return (sign * alpha) * pm.r2c(power_source(rho, gamma)) * GREENS[green](pm, kh, kl, nu)
 
 
-def _fourier_source_fwd(pm, green, *args):
-    return _fourier_source_impl(pm, green, *args), args
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fourier_sources(pm, greens, signs, *args):
+    out = 0
+    for t, (green, sign) in enumerate(zip(greens, signs, strict=True)):
+        out = out + _source_term(pm, green, sign, *args[_TERM * t : _TERM * (t + 1)])
+    return out
 
 
-def _fourier_source_bwd(pm, green, args, ct):
-    # Tie the recomputation to the cotangent so that XLA cannot schedule it in the forward pass
-    # (an optimization barrier alone is removed before scheduling): ``zero`` is 0 whatever the
-    # cotangent (``c - c`` is not folded away by XLA for floats; the ``where`` keeps a non-finite
-    # element from turning every gradient into NaN), so the inputs are unchanged.
-    if ct.size:  # (an MPI rank may hold no plane of the mesh)
-        c = jnp.real(ct.reshape(-1)[0])
-        zero = jnp.where(jnp.isfinite(c), c - c, jnp.zeros_like(c))
-        args = tuple(a + zero.astype(jnp.result_type(a)) for a in args)
-    _, vjp = jax.vjp(functools.partial(_fourier_source_impl, pm, green), *args)
-    return vjp(ct)
+def _fourier_sources_fwd(pm, greens, signs, *args):
+    return _fourier_sources(pm, greens, signs, *args), args
 
 
-_fourier_source.defvjp(_fourier_source_fwd, _fourier_source_bwd)
+def _fourier_sources_bwd(pm, greens, signs, args, ct):
+    grads, after = [], ct
+    for t, (green, sign) in enumerate(zip(greens, signs, strict=True)):
+        term_args = tied_to(after, *args[_TERM * t : _TERM * (t + 1)])
+        _, vjp = jax.vjp(functools.partial(_source_term, pm, green, sign), *term_args)
+        g = vjp(ct)
+        grads += g
+        after = g[0]
+    return tuple(grads)
+
+
+_fourier_sources.defvjp(_fourier_sources_fwd, _fourier_sources_bwd)
 
 
 def potential_displacement(pm: ParticleMesh, pos, phik, order=6):
     """``grad(phi)`` at the particles for a potential given in Fourier space: (N, 3)."""
-    return pm.readout(pm.gradient_mesh(phik, order), pos)
+    return pm.readout_gradient(phik, pos, order)
 
 
 def displacement_layer(
@@ -179,6 +211,8 @@ def hi_layer(pm: ParticleMesh, pos, star, p1, p2, order=6, density=None):
     a1, g1, kh1, kl1, nu1 = p1
     a2, g2, kh2, kl2, nu2 = p2
     rho = pm.density(pos) if density is None else density
-    phik = fourier_source(pm, rho, g1, a1, kh1, kl1, nu1, "gaussian")
-    phik = phik - fourier_source(pm, star, g2, a2, kh2, kl2, nu2, "gaussian")
-    return pos + potential_displacement(pm, pos, phik, order)
+    terms = [
+        (rho, g1, a1, kh1, kl1, nu1, "gaussian", 1),
+        (star, g2, a2, kh2, kl2, nu2, "gaussian", -1),
+    ]
+    return pos + potential_displacement(pm, pos, fourier_sources(pm, terms), order)

@@ -111,6 +111,13 @@ class ParticleMesh(abc.ABC):
 
         return jnp.stack([self.c2r(phik * d) for d in self.gradient_kernels(order)], axis=-1)
 
+    def readout_gradient(self, phik, pos, order=6):
+        """:meth:`gradient_mesh` read out at the particles: (N, 3).
+
+        Engines may avoid keeping the 3-channel gradient mesh for the backward pass.
+        """
+        return self.readout(self.gradient_mesh(phik, order), pos)
+
     @abc.abstractmethod
     def mesh_index(self) -> tuple:
         """Global integer cell indices (i, j, l) broadcastable to the local real mesh."""

@@ -24,6 +24,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from . import fourier
 from .base import ParticleMesh
+from .remat import recompute_in_backward
 
 try:  # the extension is optional at import time so that GPU-only installs still work
     from .. import _cic
@@ -246,27 +247,63 @@ def _cic_readout_bwd(cfg, res, ct):
 cic_readout.defvjp(_cic_readout_fwd, _cic_readout_bwd, symbolic_zeros=True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _fd_gradient(f, cells, order):
-    """:func:`fourier.fd_gradient` with its adjoint written as a stencil too.
+def _fd_apply(x, cells, order, kernel, adjoint):
+    """The real-space gradient stencil (``adjoint``: its adjoint, ``-sum_i D_i x_i``)."""
+    if kernel == "cpp":
+        weights = tuple(fourier.FD_WEIGHTS[order]) + (0.0,) * (3 - len(fourier.FD_WEIGHTS[order]))
+        attrs = {f"h{ax}": np.float64(h) for ax, h in zip("xyz", cells, strict=True)}
+        attrs |= {f"c{t + 1}": np.float64(c) for t, c in enumerate(weights)}
+        attrs["taps"] = np.int64(len(fourier.FD_WEIGHTS[order]))
+        shape = x.shape[:3] if adjoint else x.shape + (3,)
+        target = "jerald_fd_gradient_adjoint" if adjoint else "jerald_fd_gradient"
+        return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, x.dtype))(x, **attrs)
+    if adjoint:
+        adj = sum(
+            fourier.fd_derivative(x[..., a], a, h, order, xp=jnp) for a, h in enumerate(cells)
+        )
+        return (-adj).astype(x.dtype)
+    return fourier.fd_gradient(x, cells, order, xp=jnp)
 
-    Differentiated by JAX, the slices of the padded copy along the last axis transpose into one
-    zero-padded mesh per term (six at order 6) before they are summed; the adjoint of the
-    antisymmetric stencil is the negated stencil: ``-sum_i D_i g_i``.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _fd_gradient(f, cells, order, kernel):
+    """:func:`fourier.fd_gradient` with its adjoint written as a stencil too (``_fd_apply``).
+
+    The C++ kernels take each in one pass over the mesh. In jax.numpy, the shifts along the last
+    axis are slices of one padded copy (:func:`fourier.fd_derivative`); differentiated by JAX, they
+    would transpose into one zero-padded mesh per term (six at order 6) before being summed.
     """
-    return fourier.fd_gradient(f, cells, order, xp=jnp)
+    return _fd_apply(f, cells, order, kernel, adjoint=False)
 
 
-def _fd_gradient_fwd(f, cells, order):
-    return _fd_gradient(f, cells, order), None
+def _fd_gradient_fwd(f, cells, order, kernel):
+    return _fd_gradient(f, cells, order, kernel), None
 
 
-def _fd_gradient_bwd(cells, order, _, ct):
-    adj = sum(fourier.fd_derivative(ct[..., a], a, h, order, xp=jnp) for a, h in enumerate(cells))
-    return (-adj.astype(ct.dtype),)
+def _fd_gradient_bwd(cells, order, kernel, _, ct):
+    return (_fd_apply(ct, cells, order, kernel, adjoint=True),)
 
 
 _fd_gradient.defvjp(_fd_gradient_fwd, _fd_gradient_bwd)
+
+
+def _readout_fd_gradient_impl(cells, order, cfg, phi, pos):
+    return cic_readout(_fd_gradient(phi, cells, order, cfg.kernel), pos, cfg)
+
+
+def _readout_fd_gradient(phi, pos, cells, order, cfg):
+    """The real-space gradient of ``phi`` read out at ``pos``: (N, 3).
+
+    Its backward pass keeps ``phi`` (one channel) instead of the 3-channel gradient mesh and
+    recomputes the stencil from it once the cotangent is known (:mod:`remat`). Only ``phi`` is
+    tied to the cotangent: a tied copy of the positions would be one more (N, 3) array.
+    """
+    return _readout_fd_gradient_remat(cells, order, cfg, phi, pos)
+
+
+_readout_fd_gradient_remat = recompute_in_backward(
+    _readout_fd_gradient_impl, nondiff_argnums=(0, 1, 2), tied=(True, False)
+)
 
 
 class JaxEngine(ParticleMesh):
@@ -374,7 +411,19 @@ class JaxEngine(ParticleMesh):
         """
         if order not in fourier.FD_WEIGHTS:
             return super().gradient_mesh(phik, order)
-        return _fd_gradient(self.c2r(phik), tuple(float(h) for h in self.cellsize), order)
+        cells = tuple(float(h) for h in self.cellsize)
+        return _fd_gradient(self.c2r(phik), cells, order, self.kernel)
+
+    def readout_gradient(self, phik, pos, order=6):
+        """See :meth:`ParticleMesh.readout_gradient`; orders 4 and 6 in real space.
+
+        The backward pass keeps the potential (one channel) instead of its 3-channel gradient
+        and recomputes the stencil once the cotangent is known.
+        """
+        if order not in fourier.FD_WEIGHTS:
+            return super().readout_gradient(phik, pos, order)
+        cells = tuple(float(h) for h in self.cellsize)
+        return _readout_fd_gradient(self.c2r(phik), self._as_pos(pos), cells, order, self._cfg)
 
     def describe(self):
         return super().describe() | {"kernel": self.kernel, "threads": num_threads()}
