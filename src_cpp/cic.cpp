@@ -258,47 +258,74 @@ void readout_vjp_pos(const T* mesh, const T* pos, const T* gout, int64_t grows, 
 //   adjoint: out[c]    = -sum_a sum_t coef[a][t] (g_a(c + (t+1) e_a) - g_a(c - (t+1) e_a))
 // (the stencil is antisymmetric, so its adjoint is its negative). coef[a][t] = c_t / H_a with the
 // weights c_t of jerald_nbk.pm.fourier.FD_WEIGHTS, passed in by the caller. One pass over the mesh,
-// parallel over x planes; periodic neighbours from index tables.
-template <typename T, bool ADJ>
-void fd_gradient_impl(const T* in, T* out, const int64_t n[3], const double* coef, int m) {
+// parallel over x planes. Along z the interior of each row reads at fixed offsets (a loop the
+// compiler vectorises), the M cells at either end through a periodic index table.
+template <typename T, bool ADJ, int M>
+void fd_gradient_rows(const T* in, T* out, const int64_t n[3], const double* coefd) {
   const int64_t nx = n[0], ny = n[1], nz = n[2];
-  const int64_t cin = ADJ ? 3 : 1;
+  constexpr int64_t CIN = ADJ ? 3 : 1;
   auto wrap = [](int64_t i, int64_t len) { return ((i % len) + len) % len; };
-  std::vector<int64_t> xp(nx * m), xm(nx * m), yp(ny * m), ym(ny * m), zp(nz * m), zm(nz * m);
-  for (int64_t i = 0; i < nx; ++i)
-    for (int t = 0; t < m; ++t) xp[i * m + t] = wrap(i + t + 1, nx), xm[i * m + t] = wrap(i - t - 1, nx);
-  for (int64_t i = 0; i < ny; ++i)
-    for (int t = 0; t < m; ++t) yp[i * m + t] = wrap(i + t + 1, ny), ym[i * m + t] = wrap(i - t - 1, ny);
-  for (int64_t i = 0; i < nz; ++i)
-    for (int t = 0; t < m; ++t) zp[i * m + t] = wrap(i + t + 1, nz), zm[i * m + t] = wrap(i - t - 1, nz);
+  std::vector<int64_t> zp(nz * M), zm(nz * M);
+  for (int64_t k = 0; k < nz; ++k)
+    for (int t = 0; t < M; ++t) zp[k * M + t] = wrap(k + t + 1, nz), zm[k * M + t] = wrap(k - t - 1, nz);
   int nthr = num_threads();
   if (nx * ny * nz < 32768) nthr = 1;
-#pragma omp parallel for num_threads(nthr) schedule(static)
-  for (int64_t i = 0; i < nx; ++i) {
-    for (int64_t j = 0; j < ny; ++j) {
-      const int64_t row = (i * ny + j) * nz;
-      for (int64_t k = 0; k < nz; ++k) {
-        double s0 = 0.0, s1 = 0.0, s2 = 0.0;
-        for (int t = 0; t < m; ++t) {
-          const int64_t px = ((xp[i * m + t] * ny + j) * nz + k) * cin;
-          const int64_t mx = ((xm[i * m + t] * ny + j) * nz + k) * cin;
-          const int64_t py = ((i * ny + yp[j * m + t]) * nz + k) * cin + (ADJ ? 1 : 0);
-          const int64_t my = ((i * ny + ym[j * m + t]) * nz + k) * cin + (ADJ ? 1 : 0);
-          const int64_t pz = (row + zp[k * m + t]) * cin + (ADJ ? 2 : 0);
-          const int64_t mz = (row + zm[k * m + t]) * cin + (ADJ ? 2 : 0);
-          s0 += coef[t] * (static_cast<double>(in[px]) - static_cast<double>(in[mx]));
-          s1 += coef[m + t] * (static_cast<double>(in[py]) - static_cast<double>(in[my]));
-          s2 += coef[2 * m + t] * (static_cast<double>(in[pz]) - static_cast<double>(in[mz]));
+#pragma omp parallel num_threads(nthr)
+  {
+    T c[3][M];
+    for (int a = 0; a < 3; ++a)
+      for (int t = 0; t < M; ++t) c[a][t] = static_cast<T>(coefd[a * M + t]);
+    const int64_t lo = M < nz - M ? M : nz, hi = M < nz - M ? nz - M : nz;  // interior [lo, hi)
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < nx; ++i) {
+      for (int64_t j = 0; j < ny; ++j) {
+        const T *xp[M], *xm[M], *yp[M], *ym[M];
+        for (int t = 0; t < M; ++t) {
+          xp[t] = in + ((wrap(i + t + 1, nx) * ny + j) * nz) * CIN;
+          xm[t] = in + ((wrap(i - t - 1, nx) * ny + j) * nz) * CIN;
+          yp[t] = in + ((i * ny + wrap(j + t + 1, ny)) * nz) * CIN + (ADJ ? 1 : 0);
+          ym[t] = in + ((i * ny + wrap(j - t - 1, ny)) * nz) * CIN + (ADJ ? 1 : 0);
         }
-        if constexpr (ADJ) {
-          out[row + k] = static_cast<T>(-(s0 + s1 + s2));
-        } else {
-          T* o = out + (row + k) * 3;
-          o[0] = static_cast<T>(s0), o[1] = static_cast<T>(s1), o[2] = static_cast<T>(s2);
+        const T* z0 = in + ((i * ny + j) * nz) * CIN + (ADJ ? 2 : 0);
+        T* o = out + (i * ny + j) * nz * (ADJ ? 1 : 3);
+        auto cell = [&](int64_t k, const int64_t* kp, const int64_t* km) {
+          T s0 = 0, s1 = 0, s2 = 0;
+          for (int t = 0; t < M; ++t) {
+            s0 += c[0][t] * (xp[t][k * CIN] - xm[t][k * CIN]);
+            s1 += c[1][t] * (yp[t][k * CIN] - ym[t][k * CIN]);
+            s2 += c[2][t] * (z0[kp[t] * CIN] - z0[km[t] * CIN]);
+          }
+          if constexpr (ADJ) {
+            o[k] = -(s0 + s1 + s2);
+          } else {
+            o[3 * k] = s0, o[3 * k + 1] = s1, o[3 * k + 2] = s2;
+          }
+        };
+        for (int64_t k = 0; k < lo; ++k) cell(k, &zp[k * M], &zm[k * M]);
+        for (int64_t k = hi; k < nz; ++k) cell(k, &zp[k * M], &zm[k * M]);
+        for (int64_t k = lo; k < hi; ++k) {
+          T s0 = 0, s1 = 0, s2 = 0;
+          for (int t = 0; t < M; ++t) {
+            s0 += c[0][t] * (xp[t][k * CIN] - xm[t][k * CIN]);
+            s1 += c[1][t] * (yp[t][k * CIN] - ym[t][k * CIN]);
+            s2 += c[2][t] * (z0[(k + t + 1) * CIN] - z0[(k - t - 1) * CIN]);
+          }
+          if constexpr (ADJ) {
+            o[k] = -(s0 + s1 + s2);
+          } else {
+            o[3 * k] = s0, o[3 * k + 1] = s1, o[3 * k + 2] = s2;
+          }
         }
       }
     }
   }
+}
+
+template <typename T, bool ADJ>
+void fd_gradient_impl(const T* in, T* out, const int64_t n[3], const double* coef, int m) {
+  if (m == 2) return fd_gradient_rows<T, ADJ, 2>(in, out, n, coef);
+  if (m == 3) return fd_gradient_rows<T, ADJ, 3>(in, out, n, coef);
+  return fd_gradient_rows<T, ADJ, 1>(in, out, n, coef);
 }
 
 // ------------------------------------------------------------------------------------------------
