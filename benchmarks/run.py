@@ -200,11 +200,19 @@ def layer_fwd_vjp(pm, pos, **layer_kw):
     params = jnp.array([0.02, 0.8, 0.5, 5.0, -0.5], jnp.float32)
     ct = jnp.ones_like(pos)
 
-    def fwd_vjp(p, x):
+    def fwd_vjp(p, x, ct):
         y, vjp = jax.vjp(lambda p, x: layers.displacement_layer(pm, x, *p, **layer_kw), p, x)
         return y, vjp(ct)
 
-    return jax.jit(fwd_vjp), params
+    # the cotangent is an argument, as in a training step: a constant one would let XLA fold
+    # what depends on it (the backward pass's ties, remat.tied_to) and broadcast it in memory
+    jitted = jax.jit(fwd_vjp)
+
+    def fn(p, x):
+        return jitted(p, x, ct)
+
+    fn.lower = lambda p, x: jitted.lower(p, x, ct)
+    return fn, params
 
 
 def unit_times(pm, pos, reps: int) -> dict:
@@ -212,7 +220,8 @@ def unit_times(pm, pos, reps: int) -> dict:
 
     Keys: ``("fft", "RFFT")``, ``("fft", "IRFFT")`` and ``(kernel, channels)`` for the C++ CIC
     kernels (``jerald_cic_paint``, ``jerald_cic_readout``, ``jerald_cic_readout_vjp_pos``) with
-    1 and 3 channels, each a median of ``reps`` jitted calls.
+    1 and 3 channels, and ``("jerald_fd_gradient" | "jerald_fd_gradient_adjoint", 3)`` for the
+    6th-order gradient stencil and its adjoint, each a median of ``reps`` jitted calls.
     """
     import jax
     import jax.numpy as jnp
@@ -240,6 +249,14 @@ def unit_times(pm, pos, reps: int) -> dict:
             jax.jit(lambda m, p, g: jb._readout_vjp_pos_impl(m, p, g, cfg)),
             (m, pos, g),
         )
+    if cfg.kernel == "cpp":  # the C++ gradient stencil of a layer (JaxEngine.gradient_mesh)
+        cells, grad = tuple(float(h) for h in pm.cellsize), jnp.stack([mesh] * 3, axis=-1)
+        for adjoint, arg in ((False, mesh), (True, grad)):
+            name = "jerald_fd_gradient_adjoint" if adjoint else "jerald_fd_gradient"
+            out[(name, 3)] = (
+                jax.jit(lambda x, a=adjoint: jb._fd_apply(x, cells, 6, "cpp", a)),
+                (arg,),
+            )
     return {k: median_time(lambda f=f, a=a: _block(f(*a)), reps) for k, (f, a) in out.items()}
 
 
@@ -247,7 +264,8 @@ def hlo_op_counts(compiled_text: str) -> dict:
     """FFTs and C++ CIC kernel calls in a compiled XLA program (``compiled.as_text()``).
 
     Returns ``{("fft", "RFFT" | "IRFFT"): count, (kernel, channels): count}``; the channels of a
-    CIC call are read from its mesh operand (readouts) or weight operand (paints).
+    CIC call are read from its mesh operand (readouts) or weight operand (paints); the C++
+    gradient stencils (``jerald_fd_gradient`` and its adjoint) count with 3 channels.
     """
     import re
     from collections import Counter
@@ -258,8 +276,11 @@ def hlo_op_counts(compiled_text: str) -> dict:
         if m and " fft(" in line:
             counts[("fft", m.group(1))] += 1
             continue
-        m = re.search(r'custom_call_target="(jerald_cic_\w+)"', line)
+        m = re.search(r'custom_call_target="(jerald_\w+)"', line)
         if not m:
+            continue
+        if m.group(1).startswith("jerald_fd_"):
+            counts[(m.group(1), 3)] += 1
             continue
         shapes = re.findall(
             r"f(?:32|64)\[([\d,]+)\]", line.split("operand_layout_constraints=")[-1]
@@ -276,17 +297,23 @@ def hlo_op_counts(compiled_text: str) -> dict:
 def breakdown(compiled_text: str, units: dict, total: float, t_fft: float) -> dict:
     """Where a compiled program's time goes, in FFT-equivalents (``t_fft``: one rfftn).
 
-    The program's FFTs and CIC kernel calls (:func:`hlo_op_counts`) are charged their unit times
-    (:func:`unit_times`, measured alone); what is left of the measured ``total`` is the
-    elementwise work (Fourier factors, losses), copies and dispatch.
+    The program's FFTs, CIC kernel calls and gradient stencils (:func:`hlo_op_counts`) are charged
+    their unit times (:func:`unit_times`, measured alone); what is left of the measured ``total``
+    is the elementwise work (Fourier factors, losses), copies and dispatch.
     """
     counts = hlo_op_counts(compiled_text)
-    ffts = sum(c * units[k] for k, c in counts.items() if k[0] == "fft")
-    passes = sum(c * units[k] for k, c in counts.items() if k[0] != "fft" and k in units)
+
+    def charged(prefix):
+        return sum(
+            c * units[k] for k, c in counts.items() if k[0].startswith(prefix) and k in units
+        )
+
+    ffts, passes, stencils = charged("fft"), charged("jerald_cic_"), charged("jerald_fd_")
     return {
         "ffts": ffts / t_fft,
         "particle_passes": passes / t_fft,
-        "elementwise_and_dispatch": (total - ffts - passes) / t_fft,
+        "stencils": stencils / t_fft,
+        "elementwise_and_dispatch": (total - ffts - passes - stencils) / t_fft,
         "total": total / t_fft,
         "counts": {f"{k[0]}[{k[1]}]": c for k, c in sorted(counts.items(), key=str)},
     }
@@ -295,7 +322,8 @@ def breakdown(compiled_text: str, units: dict, total: float, t_fft: float) -> di
 def _print_breakdown(label: str, b: dict) -> None:
     print(
         f"[bench] {label}: {b['total']:.1f} FFT-eq = FFTs {b['ffts']:.1f} + particle passes "
-        f"{b['particle_passes']:.1f} + elementwise/dispatch {b['elementwise_and_dispatch']:.1f}; "
+        f"{b['particle_passes']:.1f} + gradient stencils {b.get('stencils', 0.0):.1f} + "
+        f"elementwise/dispatch {b['elementwise_and_dispatch']:.1f}; "
         + ", ".join(f"{k} x{c}" for k, c in b["counts"].items()),
         flush=True,
     )
