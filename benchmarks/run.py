@@ -615,8 +615,13 @@ def step_record(
     return rec | {"process_peak_rss_bytes": usage["peak_rss_bytes"]}
 
 
-def train_command_record(n: int, steps: int = 3, timeout: float = 7200, layers: int = 2) -> dict:
+def train_command_record(
+    n: int, steps: int = 3, timeout: float = 7200, layers: int = 2, limit: int | None | str = "auto"
+) -> dict:
     """A few-step ``jerald train`` (DM, ``layers`` layers) at ``n^3`` on synthetic inputs.
+
+    ``limit``: the command's address-space limit in bytes, None for none, ``"auto"`` for the
+    memory available plus :data:`ADDRESS_SLACK_BYTES` (see :func:`address_limit`).
 
     The inputs (a FastPM-layout catalog and a DM target map, :func:`benchmarks.memory.write_inputs`)
     are written by another process into a temporary directory, removed afterwards. Records the
@@ -640,9 +645,12 @@ def train_command_record(n: int, steps: int = 3, timeout: float = 7200, layers: 
             "--particles", inputs["particles"], "--target-map", inputs["target"],
             "--layers", str(layers), "--steps", str(steps), "--out", str(out), "--quiet",
         ]  # fmt: skip
-        res, usage = _run_measured(cmd, timeout, available_bytes() + ADDRESS_SLACK_BYTES)
+        if limit == "auto":
+            limit = available_bytes() + ADDRESS_SLACK_BYTES
+        res, usage = _run_measured(cmd, timeout, limit)
         rec = {
             "name": "jerald_train",
+            "address_limit": limit,
             "N": n,
             "target": "dm",
             "layers": layers,
@@ -702,6 +710,27 @@ def predicted_peak(stage: str, n: int, marginal: list[dict] | None) -> dict | No
     return None
 
 
+#: a step predicted to peak below this fraction of the memory available runs without the
+#: address-space limit (:func:`address_limit`)
+PREDICTED_FIT = 0.9
+
+
+def address_limit(guess: dict | None, room: int) -> int | None:
+    """The address-space limit of a large run's process: None when it is predicted to fit.
+
+    The limit (the memory available plus :data:`ADDRESS_SLACK_BYTES`) makes a step too large for
+    the machine fail its own allocation. But at 512^3 a step's virtual size exceeds its resident
+    size by more than the slack measured at 128^3, and the limit refused steps that fit (2-layer DM,
+    stellar and HI: their XLA arenas of 10-15 GB, with peaks of 15-20 GB on 22.5 GB available).
+    A step whose peak the marginal record predicts (:func:`predicted_peak`) below
+    :data:`PREDICTED_FIT` of the memory available runs without it: the 256^3 -> 320^3 marginal
+    predicted the 1-layer DM step at 512^3 to 1% (12.07 against 12.0 GB).
+    """
+    if guess is not None and guess["predicted_peak_rss_bytes"] < PREDICTED_FIT * room:
+        return None
+    return room + ADDRESS_SLACK_BYTES
+
+
 def large_records(
     n: int = 512,
     stages=("dm1", "dm2", "stellar", "stellar3", "hi"),
@@ -730,14 +759,19 @@ def large_records(
         head = {"name": f"step_{stage}", "target": kind, "layers": layers, "N": n}
         guess = predicted_peak(stage, n, marginal) if remat is None else None
         room = available_bytes()
+        limit = address_limit(guess, room)
         print(f"[bench-large] {stage} step at {n}^3", flush=True)
         # a step too large fails its own allocation (recorded as an error), not the machine
-        rec = step_record(stage, n, remat, steps, max_address_bytes=room + ADDRESS_SLACK_BYTES)
-        records.append(head | (guess or {}) | {"available_bytes": room} | rec)
+        rec = step_record(stage, n, remat, steps, max_address_bytes=limit)
+        records.append(
+            head | (guess or {}) | {"available_bytes": room, "address_limit": limit} | rec
+        )
         print(f"[bench-large]   {_describe(records[-1])}", flush=True)
     # under the same address-space limit as the steps (train_command_record): too large fails alone
     print(f"[bench-large] jerald train, {train_layers} layers, {train_steps} steps", flush=True)
-    train_rec = train_command_record(n, train_steps, layers=train_layers)
+    guess = predicted_peak(f"dm{train_layers}", n, marginal) if remat is None else None
+    limit = address_limit(guess, available_bytes())
+    train_rec = train_command_record(n, train_steps, layers=train_layers, limit=limit)
     print(f"[bench-large]   {_describe(train_rec)}", flush=True)
     return {
         "N": n,

@@ -83,6 +83,20 @@ def test_large_run_prediction_takes_the_marginal_of_the_largest_sizes():
     assert latest_marginal({"512": {}}) is None
 
 
+def test_large_run_limits_the_address_space_unless_predicted_to_fit():
+    """benchmarks.run.address_limit: a step predicted well below the memory available runs
+    without the address-space limit (at 512^3 the limit refused steps that fit); one predicted
+    near or above it, or with no prediction, runs under the limit, so that it fails alone."""
+    from benchmarks.run import ADDRESS_SLACK_BYTES, PREDICTED_FIT, address_limit
+
+    room = 20 * 2**30
+    fits = {"predicted_peak_rss_bytes": 0.5 * room}
+    tight = {"predicted_peak_rss_bytes": (PREDICTED_FIT + 0.01) * room}
+    assert address_limit(fits, room) is None
+    assert address_limit(tight, room) == room + ADDRESS_SLACK_BYTES
+    assert address_limit(None, room) == room + ADDRESS_SLACK_BYTES
+
+
 def test_large_run_child_is_limited_to_the_memory_given():
     """A step too large for the machine must fail its own allocation (recorded as an error), not
     wake the kernel's OOM killer, which may kill other processes: _run_measured's address-space
