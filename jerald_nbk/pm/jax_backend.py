@@ -291,17 +291,12 @@ def _readout_fd_gradient_impl(cells, order, cfg, phi, pos):
     return cic_readout(_fd_gradient(phi, cells, order, cfg.kernel), pos, cfg)
 
 
-def _readout_fd_gradient(phi, pos, cells, order, cfg):
-    """The real-space gradient of ``phi`` read out at ``pos``: (N, 3).
-
-    Its backward pass keeps ``phi`` (one channel) instead of the 3-channel gradient mesh and
-    recomputes the stencil from it once the cotangent is known (:mod:`remat`). Only ``phi`` is
-    tied to the cotangent: a tied copy of the positions would be one more (N, 3) array.
-    """
-    return _readout_fd_gradient_remat(cells, order, cfg, phi, pos)
-
-
-_readout_fd_gradient_remat = recompute_in_backward(
+#: ``_readout_fd_gradient(cells, order, cfg, phi, pos)``: the real-space gradient of ``phi`` read
+#: out at ``pos``, (N, 3). Its backward pass keeps ``phi`` (one channel) instead of the 3-channel
+#: gradient mesh and recomputes the stencil from it once the cotangent is known (:mod:`remat`).
+#: Only ``phi`` is tied to the cotangent: a tied copy of the positions would be one more (N, 3)
+#: array.
+_readout_fd_gradient = recompute_in_backward(
     _readout_fd_gradient_impl, nondiff_argnums=(0, 1, 2), tied=(True, False)
 )
 
@@ -354,6 +349,7 @@ class JaxEngine(ParticleMesh):
         self.kernel = kernel
         scale = tuple(float(n / b) for n, b in zip(self.Nmesh, self.BoxSize, strict=True))
         self._cfg = CICConfig(self.Nmesh, scale, kernel, int(chunk))
+        self._cells = tuple(float(h) for h in self.cellsize)  # of the gradient stencil (hashable)
         self._kvec = tuple(
             jnp.asarray(k) for k in fourier.kvectors(self.Nmesh, self.BoxSize, self.dtype)
         )
@@ -411,8 +407,7 @@ class JaxEngine(ParticleMesh):
         """
         if order not in fourier.FD_WEIGHTS:
             return super().gradient_mesh(phik, order)
-        cells = tuple(float(h) for h in self.cellsize)
-        return _fd_gradient(self.c2r(phik), cells, order, self.kernel)
+        return _fd_gradient(self.c2r(phik), self._cells, order, self.kernel)
 
     def readout_gradient(self, phik, pos, order=6):
         """See :meth:`ParticleMesh.readout_gradient`; orders 4 and 6 in real space.
@@ -422,8 +417,8 @@ class JaxEngine(ParticleMesh):
         """
         if order not in fourier.FD_WEIGHTS:
             return super().readout_gradient(phik, pos, order)
-        cells = tuple(float(h) for h in self.cellsize)
-        return _readout_fd_gradient(self.c2r(phik), self._as_pos(pos), cells, order, self._cfg)
+        phi = self.c2r(phik)
+        return _readout_fd_gradient(self._cells, order, self._cfg, phi, self._as_pos(pos))
 
     def describe(self):
         return super().describe() | {"kernel": self.kernel, "threads": num_threads()}
