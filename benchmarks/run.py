@@ -41,14 +41,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def median_time(fn, reps: int, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` over ``reps`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    return interleaved_medians({"fn": fn}, reps, warmup)["fn"]
 
 
 def interleaved_medians(fns: dict, reps: int, warmup: int = 1) -> dict:

@@ -250,10 +250,10 @@ cic_readout.defvjp(_cic_readout_fwd, _cic_readout_bwd, symbolic_zeros=True)
 def _fd_apply(x, cells, order, kernel, adjoint):
     """The real-space gradient stencil (``adjoint``: its adjoint, ``-sum_i D_i x_i``)."""
     if kernel == "cpp":
-        weights = tuple(fourier.FD_WEIGHTS[order]) + (0.0,) * (3 - len(fourier.FD_WEIGHTS[order]))
+        weights = fourier.FD_WEIGHTS[order]
         attrs = {f"h{ax}": np.float64(h) for ax, h in zip("xyz", cells, strict=True)}
-        attrs |= {f"c{t + 1}": np.float64(c) for t, c in enumerate(weights)}
-        attrs["taps"] = np.int64(len(fourier.FD_WEIGHTS[order]))
+        attrs |= {f"c{t + 1}": np.float64(c) for t, c in enumerate((weights + (0.0,) * 3)[:3])}
+        attrs["taps"] = np.int64(len(weights))
         shape = x.shape[:3] if adjoint else x.shape + (3,)
         target = "jerald_fd_gradient_adjoint" if adjoint else "jerald_fd_gradient"
         return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, x.dtype))(x, **attrs)
