@@ -213,7 +213,8 @@ def unit_times(pm, pos, reps: int) -> dict:
 
     Keys: ``("fft", "RFFT")``, ``("fft", "IRFFT")`` and ``(kernel, channels)`` for the C++ CIC
     kernels (``jerald_cic_paint``, ``jerald_cic_readout``, ``jerald_cic_readout_vjp_pos``) with
-    1 and 3 channels, and ``("jerald_fd_gradient" | "jerald_fd_gradient_adjoint", 3)`` for the
+    1 and 3 channels, a layer's fused readout and position cotangent (``jerald_cic_displace``,
+    ``jerald_cic_displace_vjp``, 3 channels), and ``("jerald_fd_gradient" | "jerald_fd_gradient_adjoint", 3)`` for the
     6th-order gradient stencil and its adjoint, each a median of ``reps`` jitted calls.
     """
     import jax
@@ -244,6 +245,16 @@ def unit_times(pm, pos, reps: int) -> dict:
         )
     if cfg.kernel == "cpp":  # the C++ gradient stencil of a layer (JaxEngine.gradient_mesh)
         cells, grad = tuple(float(h) for h in pm.cellsize), jnp.stack([mesh] * 3, axis=-1)
+        # a layer's last readout and its position cotangent (JaxEngine.displace)
+        ct = jnp.ones((pos.shape[0], 3), jnp.float32)
+        out[("jerald_cic_displace", 3)] = (
+            jax.jit(lambda m, p: jb._displace_impl(m, p, cfg)),
+            (grad, pos),
+        )
+        out[("jerald_cic_displace_vjp", 3)] = (
+            jax.jit(lambda m, u, p, g: jb._displace_vjp_impl(m, u, p, g, cfg)),
+            (grad, mesh[..., None], pos, ct),
+        )
         for adjoint, arg in ((False, mesh), (True, grad)):
             name = "jerald_fd_gradient_adjoint" if adjoint else "jerald_fd_gradient"
             out[(name, 3)] = (

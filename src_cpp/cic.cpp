@@ -10,6 +10,9 @@
 //     array of ones; likewise the cotangent of readout_vjp_pos)
 //     readout: out[p, ch]   = sum_c mesh[c, ch] W(u_p - c)  (the exact adjoint of paint)
 //     readout_vjp_pos: out[p, d] = sum_ch g[p, ch] d/dx_d readout(p, ch)   (piecewise constant)
+//     displace:     out = x + readout(grad mesh)  (a displacement layer's last step)
+//     displace_vjp: out = ct + readout_vjp_pos(grad mesh, ct) + readout_vjp_pos(u, 1): its whole
+//                   position cotangent, u being the cotangent of the layer's unit-mass paint
 //
 // Threads: readouts are parallel over particles. Paint is parallel over x planes: each thread owns
 // a range of planes and adds, in particle order, the contributions that fall in them, so no two
@@ -150,8 +153,11 @@ void paint(T* mesh, const T* pos, const T* w, int64_t wrows, int64_t npart, cons
   return paint_impl<T, 0>(mesh, pos, w, wrows, npart, g);
 }
 
+// ``base`` (optional, (N, C) like ``out``): added to the readout, out = base + readout; a
+// layer's new positions are its old ones plus the gradient read out at them (JaxEngine.displace).
 template <typename T, int NCH>
-void readout_impl(const T* mesh, const T* pos, T* out, int64_t npart, const Grid& g) {
+void readout_impl(const T* mesh, const T* pos, T* out, int64_t npart, const Grid& g,
+                  const T* base) {
   const int64_t nch = channels<NCH>(g);
   const int nthr = npart > 4096 ? num_threads() : 1;
   const Grid gl = g;  // a private copy: the outlined OpenMP body then keeps it in registers
@@ -172,9 +178,12 @@ void readout_impl(const T* mesh, const T* pos, T* out, int64_t npart, const Grid
             const T* cell = mesh + ((ix[a] * gl.n[1] + iy[b]) * gl.n[2] + iz[c]) * NCH;
             for (int ch = 0; ch < NCH; ++ch) acc[ch] += k * cell[ch];
           }
-      for (int ch = 0; ch < NCH; ++ch) o[ch] = acc[ch];
+      if (base)
+        for (int ch = 0; ch < NCH; ++ch) o[ch] = base[NCH * p + ch] + acc[ch];
+      else
+        for (int ch = 0; ch < NCH; ++ch) o[ch] = acc[ch];
     } else {
-      for (int64_t ch = 0; ch < nch; ++ch) o[ch] = T(0);
+      for (int64_t ch = 0; ch < nch; ++ch) o[ch] = base ? base[nch * p + ch] : T(0);
       for (int a = 0; a < 2; ++a)
         for (int b = 0; b < 2; ++b)
           for (int c = 0; c < 2; ++c) {
@@ -187,16 +196,21 @@ void readout_impl(const T* mesh, const T* pos, T* out, int64_t npart, const Grid
 }
 
 template <typename T>
-void readout(const T* mesh, const T* pos, T* out, int64_t npart, const Grid& g) {
-  if (g.nch == 1) return readout_impl<T, 1>(mesh, pos, out, npart, g);
-  if (g.nch == 3) return readout_impl<T, 3>(mesh, pos, out, npart, g);
-  return readout_impl<T, 0>(mesh, pos, out, npart, g);
+void readout(const T* mesh, const T* pos, T* out, int64_t npart, const Grid& g,
+             const T* base = nullptr) {
+  if (g.nch == 1) return readout_impl<T, 1>(mesh, pos, out, npart, g, base);
+  if (g.nch == 3) return readout_impl<T, 3>(mesh, pos, out, npart, g, base);
+  return readout_impl<T, 0>(mesh, pos, out, npart, g, base);
 }
 
 // out[p, d] = sum_ch gout[p, ch] * d/dx_d readout(mesh[..., ch], x_p), in 1/(Mpc/h) units.
+// Optional: ``unit`` (a 1-channel mesh of the same grid) adds d/dx_d readout(unit, x_p), as the
+// position gradient of a unit-mass paint whose cotangent mesh it is; ``base`` ((N, 3)) is added
+// to the result. One pass then gives a displacement layer's whole position cotangent
+// (JaxEngine.displace): its own, the readout's and the density paint's.
 template <typename T, int NCH>
 void readout_vjp_pos_impl(const T* mesh, const T* pos, const T* gout, int64_t grows, T* out,
-                          int64_t npart, const Grid& g) {
+                          int64_t npart, const Grid& g, const T* unit, const T* base) {
   const int64_t nch = channels<NCH>(g);
   const int64_t gstep = grows == 1 ? 0 : nch;  // one cotangent row for every particle
   const int nthr = npart > 4096 ? num_threads() : 1;
@@ -218,8 +232,9 @@ void readout_vjp_pos_impl(const T* mesh, const T* pos, const T* gout, int64_t gr
     for (int a = 0; a < 2; ++a)
       for (int b = 0; b < 2; ++b)
         for (int c = 0; c < 2; ++c) {
-          const T* cell = mesh + ((ix[a] * gl.n[1] + iy[b]) * gl.n[2] + iz[c]) * nch;
-          double s = 0.0;
+          const int64_t at = (ix[a] * gl.n[1] + iy[b]) * gl.n[2] + iz[c];
+          const T* cell = mesh + at * nch;
+          double s = unit ? static_cast<double>(unit[at]) : 0.0;
           if constexpr (NCH > 0) {
             for (int ch = 0; ch < NCH; ++ch) s += static_cast<double>(gl_[ch]) * cell[ch];
           } else {
@@ -238,18 +253,24 @@ void readout_vjp_pos_impl(const T* mesh, const T* pos, const T* gout, int64_t gr
     const double a0 = yz[1] - yz[0];
     const double a1 = wx[0] * dy[0] + wx[1] * dy[1];
     const double a2 = wx[0] * dz[0] + wx[1] * dz[1];
-    out[3 * p] = static_cast<T>(a0 * gl.scale[0]);
-    out[3 * p + 1] = static_cast<T>(a1 * gl.scale[1]);
-    out[3 * p + 2] = static_cast<T>(a2 * gl.scale[2]);
+    const double b[3] = {base ? static_cast<double>(base[3 * p]) : 0.0,
+                         base ? static_cast<double>(base[3 * p + 1]) : 0.0,
+                         base ? static_cast<double>(base[3 * p + 2]) : 0.0};
+    out[3 * p] = static_cast<T>(b[0] + a0 * gl.scale[0]);
+    out[3 * p + 1] = static_cast<T>(b[1] + a1 * gl.scale[1]);
+    out[3 * p + 2] = static_cast<T>(b[2] + a2 * gl.scale[2]);
   }
 }
 
 template <typename T>
 void readout_vjp_pos(const T* mesh, const T* pos, const T* gout, int64_t grows, T* out,
-                     int64_t npart, const Grid& g) {
-  if (g.nch == 1) return readout_vjp_pos_impl<T, 1>(mesh, pos, gout, grows, out, npart, g);
-  if (g.nch == 3) return readout_vjp_pos_impl<T, 3>(mesh, pos, gout, grows, out, npart, g);
-  return readout_vjp_pos_impl<T, 0>(mesh, pos, gout, grows, out, npart, g);
+                     int64_t npart, const Grid& g, const T* unit = nullptr,
+                     const T* base = nullptr) {
+  if (g.nch == 1)
+    return readout_vjp_pos_impl<T, 1>(mesh, pos, gout, grows, out, npart, g, unit, base);
+  if (g.nch == 3)
+    return readout_vjp_pos_impl<T, 3>(mesh, pos, gout, grows, out, npart, g, unit, base);
+  return readout_vjp_pos_impl<T, 0>(mesh, pos, gout, grows, out, npart, g, unit, base);
 }
 
 // Central finite-difference gradient of a periodic real mesh (Nx, Ny, Nz) -> (Nx, Ny, Nz, 3), and
@@ -408,6 +429,54 @@ ffi::Error ReadoutVjpPosImpl(ffi::AnyBuffer mesh, ffi::AnyBuffer pos, ffi::AnyBu
   return ffi::Error::Success();
 }
 
+// A displacement layer's last step: new positions = pos + readout(mesh, pos), mesh (.., 3).
+ffi::Error DisplaceImpl(ffi::AnyBuffer mesh, ffi::AnyBuffer pos, double sx, double sy, double sz,
+                        ffi::Result<ffi::AnyBuffer> out) {
+  if (auto e = check_pos(pos, "cic_displace"); !e.success()) return e;
+  Grid g;
+  if (auto e = check_mesh(mesh, g, sx, sy, sz, "cic_displace"); !e.success()) return e;
+  if (g.nch != 3) return ffi::Error::InvalidArgument("cic_displace: mesh must have 3 channels");
+  const int64_t n = pos.dimensions()[0];
+  if (!same_float_type(pos.element_type(), {&mesh, &*out}))
+    return ffi::Error::InvalidArgument("cic_displace: all buffers must be float32 or all float64");
+  if (pos.element_type() == ffi::DataType::F32)
+    readout(mesh.typed_data<float>(), pos.typed_data<float>(), out->typed_data<float>(), n, g,
+            pos.typed_data<float>());
+  else
+    readout(mesh.typed_data<double>(), pos.typed_data<double>(), out->typed_data<double>(), n, g,
+            pos.typed_data<double>());
+  return ffi::Error::Success();
+}
+
+// Its position cotangent in one pass: ct + sum_ch ct[:, ch] grad readout(mesh[..., ch]) +
+// grad readout(unit), where ``unit`` (.., 1) is the cotangent of the layer's unit-mass paint.
+ffi::Error DisplaceVjpImpl(ffi::AnyBuffer mesh, ffi::AnyBuffer unit, ffi::AnyBuffer pos,
+                           ffi::AnyBuffer ct, double sx, double sy, double sz,
+                           ffi::Result<ffi::AnyBuffer> out) {
+  const char* who = "cic_displace_vjp";
+  if (auto e = check_pos(pos, who); !e.success()) return e;
+  Grid g, gu;
+  if (auto e = check_mesh(mesh, g, sx, sy, sz, who); !e.success()) return e;
+  if (auto e = check_mesh(unit, gu, sx, sy, sz, who); !e.success()) return e;
+  if (g.nch != 3 || gu.nch != 1 || gu.n[0] != g.n[0] || gu.n[1] != g.n[1] || gu.n[2] != g.n[2])
+    return ffi::Error::InvalidArgument("cic_displace_vjp: meshes must be (Nx, Ny, Nz, 3) and 1");
+  const int64_t n = pos.dimensions()[0];
+  const auto cd = ct.dimensions();
+  if (cd.size() != 2 || cd[0] != n || cd[1] != 3)
+    return ffi::Error::InvalidArgument("cic_displace_vjp: cotangent must have shape (N, 3)");
+  if (!same_float_type(pos.element_type(), {&mesh, &unit, &ct, &*out}))
+    return ffi::Error::InvalidArgument("cic_displace_vjp: mixed float types");
+  if (pos.element_type() == ffi::DataType::F32)
+    readout_vjp_pos(mesh.typed_data<float>(), pos.typed_data<float>(), ct.typed_data<float>(), n,
+                    out->typed_data<float>(), n, g, unit.typed_data<float>(),
+                    ct.typed_data<float>());
+  else
+    readout_vjp_pos(mesh.typed_data<double>(), pos.typed_data<double>(), ct.typed_data<double>(),
+                    n, out->typed_data<double>(), n, g, unit.typed_data<double>(),
+                    ct.typed_data<double>());
+  return ffi::Error::Success();
+}
+
 template <bool ADJ>
 ffi::Error FdGradientImpl(ffi::AnyBuffer in, double hx, double hy, double hz, double c1, double c2,
                           double c3, int64_t taps, ffi::Result<ffi::AnyBuffer> out) {
@@ -459,6 +528,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicPaint, PaintImpl,
                                   .Ret<ffi::AnyBuffer>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicReadout, ReadoutImpl,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<double>("sx")
+                                  .Attr<double>("sy")
+                                  .Attr<double>("sz")
+                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicDisplace, DisplaceImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<double>("sx")
+                                  .Attr<double>("sy")
+                                  .Attr<double>("sz")
+                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicDisplaceVjp, DisplaceVjpImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Attr<double>("sx")
@@ -599,6 +686,8 @@ PYBIND11_MODULE(_cic, m) {
     d["jerald_cic_paint"] = capsule(JeraldCicPaint);
     d["jerald_cic_readout"] = capsule(JeraldCicReadout);
     d["jerald_cic_readout_vjp_pos"] = capsule(JeraldCicReadoutVjpPos);
+    d["jerald_cic_displace"] = capsule(JeraldCicDisplace);
+    d["jerald_cic_displace_vjp"] = capsule(JeraldCicDisplaceVjp);
     d["jerald_fd_gradient"] = capsule(JeraldFdGradient);
     d["jerald_fd_gradient_adjoint"] = capsule(JeraldFdGradientAdjoint);
     return d;

@@ -13,7 +13,6 @@ forward pass (the cotangent no longer ties it), or a change saves the displaceme
 mesh or the Green's function.
 """
 
-
 from __future__ import annotations
 
 import jax.numpy as jnp

@@ -160,11 +160,6 @@ def _fourier_sources_bwd(pm, greens, signs, args, ct):
 _fourier_sources.defvjp(_fourier_sources_fwd, _fourier_sources_bwd)
 
 
-def potential_displacement(pm: ParticleMesh, pos, phik, order=6):
-    """``grad(phi)`` at the particles for a potential given in Fourier space: (N, 3)."""
-    return pm.readout_gradient(phik, pos, order)
-
-
 def displacement_layer(
     pm: ParticleMesh, pos, alpha, gamma, kh, kl, nu, green="exponential", order=6, density=None
 ):
@@ -187,9 +182,11 @@ def displacement_layer(
         ``pm.density(pos)`` if already known (the first layer's input particles do not depend on
         the parameters, so training paints them once instead of at every step).
     """
-    rho = pm.density(pos) if density is None else density
-    phik = fourier_source(pm, rho, gamma, alpha, kh, kl, nu, green)
-    return pos + potential_displacement(pm, pos, phik, order)
+
+    def source(rho, *scalars):
+        return fourier_source(pm, rho, *scalars, green)
+
+    return pm.displace(pos, source, (gamma, alpha, kh, kl, nu), order, density)
 
 
 def hi_layer(pm: ParticleMesh, pos, star, p1, p2, order=6, density=None):
@@ -208,11 +205,13 @@ def hi_layer(pm: ParticleMesh, pos, star, p1, p2, order=6, density=None):
     density : real mesh, optional
         ``pm.density(pos)`` if already known (see :func:`displacement_layer`).
     """
-    a1, g1, kh1, kl1, nu1 = p1
-    a2, g2, kh2, kl2, nu2 = p2
-    rho = pm.density(pos) if density is None else density
-    terms = [
-        (rho, g1, a1, kh1, kl1, nu1, "gaussian", 1),
-        (star, g2, a2, kh2, kl2, nu2, "gaussian", -1),
-    ]
-    return pos + potential_displacement(pm, pos, fourier_sources(pm, terms), order)
+
+    def source(rho, star, p1, p2):
+        (a1, g1, kh1, kl1, nu1), (a2, g2, kh2, kl2, nu2) = p1, p2
+        terms = [
+            (rho, g1, a1, kh1, kl1, nu1, "gaussian", 1),
+            (star, g2, a2, kh2, kl2, nu2, "gaussian", -1),
+        ]
+        return fourier_sources(pm, terms)
+
+    return pm.displace(pos, source, (star, tuple(p1), tuple(p2)), order, density)

@@ -118,6 +118,31 @@ class ParticleMesh(abc.ABC):
         """
         return self.readout(self.gradient_mesh(phik, order), pos)
 
+    def displace(self, pos, source, args=(), order=6, density=None):
+        """A displacement layer (eq 1): ``pos + grad(phi)(pos)``, ``phi`` from the particles' density.
+
+        Parameters
+        ----------
+        pos : (N, 3) array
+            Particle positions.
+        source : callable
+            ``source(rho, *args)``: the potential in Fourier space, from ``rho = 1 + delta``.
+        args : tuple
+            Its other (differentiable) arguments: a layer's parameters, a frozen map.
+        order : {4, 6, "exact"}
+            Order of the gradient (:meth:`gradient_kernels`).
+        density : real mesh, optional
+            ``self.density(pos)`` if already known.
+
+        Returns
+        -------
+        (N, 3) array
+            The displaced positions. Engines may take the whole backward pass at once (the
+            position cotangents of the paint, of the readout and of ``pos`` itself in one pass).
+        """
+        rho = self.density(pos) if density is None else density
+        return pos + self.readout_gradient(source(rho, *args), pos, order)
+
     @abc.abstractmethod
     def mesh_index(self) -> tuple:
         """Global integer cell indices (i, j, l) broadcastable to the local real mesh."""

@@ -24,7 +24,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from . import fourier
 from .base import ParticleMesh
-from .remat import recompute_in_backward
+from .remat import recompute_in_backward, tied_to
 
 try:  # the extension is optional at import time so that GPU-only installs still work
     from .. import _cic
@@ -301,6 +301,87 @@ _readout_fd_gradient = recompute_in_backward(
 )
 
 
+def _displace_impl(grad, pos, cfg: CICConfig):
+    """``pos + readout(grad, pos)`` for a 3-channel ``grad``: one pass of the C++ kernel."""
+    if cfg.kernel == "cpp":
+        out = jax.ShapeDtypeStruct(pos.shape, pos.dtype)
+        return jax.ffi.ffi_call("jerald_cic_displace", out)(grad, pos, **_ffi_attrs(cfg))
+    return pos + _readout_impl(grad, pos, cfg)
+
+
+def _displace_vjp_impl(grad, unit, pos, ct, cfg: CICConfig):
+    """``ct + ct . grad readout(grad) + grad readout(unit)`` at ``pos``: one pass in C++.
+
+    ``unit`` (Nx, Ny, Nz, 1) is the cotangent of a unit-mass paint at ``pos``, ``grad``
+    (Nx, Ny, Nz, 3) the mesh read out at ``pos`` and ``ct`` (N, 3) the cotangent of the result.
+    """
+    if cfg.kernel == "cpp":
+        out = jax.ShapeDtypeStruct(pos.shape, pos.dtype)
+        call = jax.ffi.ffi_call("jerald_cic_displace_vjp", out)
+        return call(grad, unit, pos, ct, **_ffi_attrs(cfg))
+    ones = jnp.ones((1, 1), pos.dtype)
+    return (
+        ct + _readout_vjp_pos_impl(grad, pos, ct, cfg) + _readout_vjp_pos_impl(unit, pos, ones, cfg)
+    )
+
+
+# A whole displacement layer (ParticleMesh.displace) as one differentiable operation, so that its
+# backward pass can take the position cotangent's three terms (the layer's identity, the gradient
+# readout's and the density paint's, all at the same positions) in one particle pass instead of
+# two passes and a sum of three (N, 3) arrays. The gradient mesh is not kept: the backward pass
+# recomputes it from the potential once the source's backward pass is done (remat.tied_to), so
+# the 3-channel mesh is never alive together with the source's intermediates. ``rho`` None: the
+# layer paints the density of ``pos`` itself; else ``rho`` is an input of its own.
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Flag:
+    """A static boolean among the residuals (a pytree node with no leaves)."""
+
+    value: bool
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _displace(pm, source, order, pos, rho, args):
+    return _displace_fwd(pm, source, order, pos, rho, args)[0]
+
+
+def _density_norm(pm, pos):
+    return pm.ncells / pos.shape[0]  # ParticleMesh.density: paint x ncells / N
+
+
+def _displace_fwd(pm, source, order, pos, rho, args):
+    cfg = pm._cfg
+    painted = rho is None
+    if painted:
+        rho = _paint_impl(pos, jnp.ones((1, 1), pos.dtype), cfg)[..., 0] * _density_norm(pm, pos)
+    phik, source_vjp = jax.vjp(source, rho, *args)
+    phi = pm.c2r(phik)
+    grad = _fd_apply(phi, pm._cells, order, cfg.kernel, adjoint=False)
+    return _displace_impl(grad, pos, cfg), (pos, phi, source_vjp, _Flag(painted))
+
+
+def _displace_bwd(pm, source, order, res, ct):
+    pos, phi, source_vjp, painted = res
+    painted = painted.value
+    cfg = pm._cfg
+    ct = ct.astype(pos.dtype)
+    # the potential's cotangent: the readout's adjoint (paint), the stencil's, the c2r's
+    phi_ct = _fd_apply(_paint_impl(pos, ct, cfg), pm._cells, order, cfg.kernel, adjoint=True)
+    (phik_ct,) = jax.linear_transpose(pm.c2r, jax.eval_shape(pm.r2c, phi))(phi_ct)
+    rho_ct, *args_ct = source_vjp(phik_ct)
+    (phi,) = tied_to(rho_ct, phi)  # the gradient mesh only once the source's backward pass is done
+    grad = _fd_apply(phi, pm._cells, order, cfg.kernel, adjoint=False)
+    if not painted:
+        return ct + _readout_vjp_pos_impl(grad, pos, ct, cfg), rho_ct, tuple(args_ct)
+    unit = (rho_ct * _density_norm(pm, pos)).astype(pos.dtype)[..., None]
+    return _displace_vjp_impl(grad, unit, pos, ct, cfg), None, tuple(args_ct)
+
+
+_displace.defvjp(_displace_fwd, _displace_bwd)
+
+
 class JaxEngine(ParticleMesh):
     """Single-process particle mesh on JAX (CPU or GPU).
 
@@ -419,6 +500,22 @@ class JaxEngine(ParticleMesh):
             return super().readout_gradient(phik, pos, order)
         phi = self.c2r(phik)
         return _readout_fd_gradient(self._cells, order, self._cfg, phi, self._as_pos(pos))
+
+    def displace(self, pos, source, args=(), order=6, density=None):
+        """See :meth:`ParticleMesh.displace`; its backward pass in one particle pass.
+
+        The position cotangent of the paint, of the gradient readout and of ``pos`` itself is one
+        pass of the C++ kernel (``jerald_cic_displace_vjp``) instead of two and a sum of three
+        (N, 3) arrays; the forward pass adds the readout to ``pos`` in the same pass. Neither the
+        gradient mesh nor the source's intermediates are kept for the backward pass. With
+        ``density`` given, its cotangent is returned to whoever painted it (a training step's
+        first layer, whose positions are constants, paints them once). With the exact gradient,
+        the composition of :meth:`ParticleMesh.displace`.
+        """
+        if order not in fourier.FD_WEIGHTS:
+            return super().displace(pos, source, args, order, density)
+        rho = None if density is None else jnp.asarray(density).astype(self.dtype)
+        return _displace(self, source, order, self._as_pos(pos), rho, tuple(args))
 
     def describe(self):
         return super().describe() | {"kernel": self.kernel, "threads": num_threads()}
