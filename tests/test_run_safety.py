@@ -252,6 +252,12 @@ def test_resuming_another_run_is_refused_with_what_differs(problem, pos, pm, tmp
         train(Objective(stage, pos, target, cfg), cfg, workdir=tmp_path,
               inputs={"target map file": {"path": "a", "sha256": "0" * 32}})  # fmt: skip
 
+    # where it starts is part of what it is: other initial parameters make another run
+    moved = np.asarray(stage.table.init_raw(), dtype=np.float32)
+    moved[0] *= 0.5
+    with pytest.raises(RunMismatchError, match="start parameters: "):
+        train(Objective(stage, pos, target, cfg), cfg, moved, workdir=tmp_path)
+
     # continue anyway: a warning, then the new identity is recorded
     with pytest.warns(RuntimeWarning, match="continuing anyway"):
         res = train(Objective(stage, pos, other_target, cfg), cfg, workdir=tmp_path,
@@ -260,6 +266,23 @@ def test_resuming_another_run_is_refused_with_what_differs(problem, pos, pm, tmp
     # afresh: resume=False discards the state
     res = train(Objective(stage, pos, target, faster), faster, workdir=tmp_path, resume=False)
     assert len(res.history) == 9 and _metrics_steps(tmp_path) == list(range(9))
+
+
+def test_a_checkpoint_without_a_start_record_still_resumes(problem, pos, tmp_path):
+    # checkpoints written before a run's start was part of its record: nothing to compare
+    stage, target = problem
+    cfg = TrainConfig(steps=4, checkpoint_every=2, progress=False)
+    with pytest.raises(Kill):
+        train(Objective(stage, pos, target, cfg), cfg, workdir=tmp_path, log=_kill_at(2))
+    ckpt = tmp_path / "checkpoint.npz"
+    with np.load(ckpt) as z:
+        arrays = dict(z)
+    record = json.loads(arrays["fingerprint"].tobytes().decode())
+    assert "parameters" in record.pop("start")
+    arrays["fingerprint"] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
+    np.savez(ckpt, **arrays)
+    res = train(Objective(stage, pos, target, cfg), cfg, workdir=tmp_path)
+    assert [r["step"] for r in res.history] == [0, 1, 2, 3]
 
 
 def test_foreign_or_broken_files_in_workdir(problem, pos, tmp_path):

@@ -71,12 +71,9 @@ def recompute_in_backward(fn, nondiff_argnums: tuple = (), tied: tuple | None = 
 
     def bwd(*rest):
         static, res, ct = rest[:nstatic], rest[nstatic], rest[nstatic + 1]
-        late = tied_to(ct, *res)
-        args = (
-            late
-            if tied is None
-            else tuple(t if k else r for t, r, k in zip(late, res, tied, strict=True))
-        )
+        keep = (True,) * len(res) if tied is None else tied
+        late = iter(tied_to(ct, *(r for r, k in zip(res, keep, strict=True) if k)))
+        args = tuple(next(late) if k else r for r, k in zip(res, keep, strict=True))
         _, vjp = jax.vjp(lambda *a: fn(*static, *a), *args)
         return vjp(ct)
 

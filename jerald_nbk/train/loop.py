@@ -8,10 +8,11 @@ at any step and resumed from its last checkpoint ends bit-identical to an uninte
 (tested at several kill points, with and without early stopping).
 
 A run knows what it is: its checkpoint, written before the first step, records the fingerprint of
-its inputs, model, engine and configuration (:func:`run_fingerprint`), and resuming anything else
-is refused with what differs (:class:`RunMismatchError`). The work directory is locked while a run
-trains; SIGINT/SIGTERM save a checkpoint at the current step and raise
-:class:`TrainingInterrupted`; a finished run is not trained again.
+its inputs, model, engine, configuration and start (initial parameters, continued step and
+optimiser state; :func:`run_fingerprint`), and resuming anything else is refused with what differs
+(:class:`RunMismatchError`). The work directory is locked while a run trains; SIGINT/SIGTERM save a
+checkpoint at the current step and raise :class:`TrainingInterrupted`; a finished run is not
+trained again.
 """
 
 from __future__ import annotations
@@ -392,7 +393,12 @@ CHECKPOINT_FORMAT = "jerald_nbk.checkpoint/2"
 _CKPT_KEYS = ("step", "raw", "opt_0")
 
 
-def run_fingerprint(objective: Objective, config: TrainConfig, inputs: dict | None = None) -> dict:
+def run_fingerprint(
+    objective: Objective,
+    config: TrainConfig,
+    inputs: dict | None = None,
+    start: dict | None = None,
+) -> dict:
     """What a training run is: its inputs, model, engine and training configuration.
 
     Parameters
@@ -407,11 +413,14 @@ def run_fingerprint(objective: Objective, config: TrainConfig, inputs: dict | No
         What the caller knows of the inputs, e.g. ``{"particles": fingerprint_file(path), ...}``
         (:func:`jerald_nbk.utils.fingerprint_file`) and settings such as a target scale. Entries
         named ``path`` are recorded but not compared.
+    start : dict, optional
+        Where the run starts: its initial parameters, and the step count and optimiser state it
+        continues (``{"parameters": {...}, "step": 0, "optimiser state": None}``).
 
     Returns
     -------
     dict
-        JSON-able ``{"inputs", "model", "engine", "training"}``.
+        JSON-able ``{"inputs", "model", "engine", "training", "start"}``.
     """
     stage, pm = objective.stage, objective.stage.pm
     arrays = {}
@@ -430,6 +439,7 @@ def run_fingerprint(objective: Objective, config: TrainConfig, inputs: dict | No
         "model": {**dataclasses.asdict(stage.config), "parameters": list(stage.table.names)},
         "engine": {k: v for k, v in pm.describe().items() if k != "threads"},
         "training": {k: v for k, v in config.as_dict().items() if k not in RESUMABLE_FIELDS},
+        "start": start or {},
     }
     return json.loads(json.dumps(json_safe(doc)))
 
@@ -471,7 +481,9 @@ def fingerprint_differences(old: dict, new: dict) -> list[str]:
         ``"<section> <item>: <old> in the checkpoint, <new> now"``; empty when they agree.
     """
     out = []
-    for section in ("inputs", "model", "engine", "training"):
+    for section in ("inputs", "model", "engine", "training", "start"):
+        if section == "start" and section not in old:
+            continue  # a checkpoint of an older version: its start was not recorded
         a, b = old.get(section, {}), new.get(section, {})
         for key in sorted(set(a) | set(b)):
             if key not in a:
@@ -902,7 +914,14 @@ def _train(
     since_best = 0
     stopped = False
     ckpt = metrics = None
-    fingerprint = run_fingerprint(objective, config, inputs)
+    start_record = {
+        "parameters": stage.table.as_dict(raw),
+        "step": start,
+        "optimiser state": None
+        if opt_state0 is None
+        else [fingerprint_array(np.asarray(a)) for a in jax.tree_util.tree_leaves(opt_state)],
+    }
+    fingerprint = run_fingerprint(objective, config, inputs, start_record)
     if workdir is not None:
         workdir = Path(workdir)
         ckpt, metrics = workdir / "checkpoint.npz", workdir / "metrics.jsonl"
