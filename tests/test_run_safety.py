@@ -268,6 +268,21 @@ def test_resuming_another_run_is_refused_with_what_differs(problem, pos, pm, tmp
     assert len(res.history) == 9 and _metrics_steps(tmp_path) == list(range(9))
 
 
+def test_a_resume_that_names_no_start_continues_the_checkpoints(problem, pos, tmp_path):
+    # `jerald-ref --optpath <train dir>` resumes without knowing the first run's initial values
+    stage, target = problem
+    cfg = TrainConfig(steps=4, checkpoint_every=2, progress=False)
+    moved = np.asarray(stage.table.init_raw(), dtype=np.float32)
+    moved[0] *= 0.5
+    with pytest.raises(Kill):
+        train(Objective(stage, pos, target, cfg), cfg, moved, workdir=tmp_path, log=_kill_at(2))
+    res = train(Objective(stage, pos, target, cfg), cfg, workdir=tmp_path)
+    assert [r["step"] for r in res.history] == [0, 1, 2, 3]
+    assert res.history[0]["params"][stage.table.names[0]] == pytest.approx(
+        stage.table.as_dict(moved)[stage.table.names[0]]
+    )
+
+
 def test_a_checkpoint_without_a_start_record_still_resumes(problem, pos, tmp_path):
     # checkpoints written before a run's start was part of its record: nothing to compare
     stage, target = problem

@@ -415,7 +415,9 @@ def run_fingerprint(
         named ``path`` are recorded but not compared.
     start : dict, optional
         Where the run starts: its initial parameters, and the step count and optimiser state it
-        continues (``{"parameters": {...}, "step": 0, "optimiser state": None}``).
+        continues (``{"given": True, "parameters": {...}, "step": 0, "optimiser state": None}``);
+        ``given`` False when the caller named none of them (the defaults), in which case a resume
+        continues whatever the checkpoint started from (:func:`fingerprint_differences`).
 
     Returns
     -------
@@ -482,9 +484,13 @@ def fingerprint_differences(old: dict, new: dict) -> list[str]:
     """
     out = []
     for section in ("inputs", "model", "engine", "training", "start"):
-        if section == "start" and section not in old:
-            continue  # a checkpoint of an older version: its start was not recorded
         a, b = old.get(section, {}), new.get(section, {})
+        if section == "start":
+            # compared when the new run names its start (a resume that does not continues the
+            # checkpoint's), and only if the checkpoint recorded one (older versions did not)
+            if section not in old or not b.get("given", True):
+                continue
+            a, b = ({k: v for k, v in x.items() if k != "given"} for x in (a, b))
         for key in sorted(set(a) | set(b)):
             if key not in a:
                 out.append(f"{section} {key}: absent in the checkpoint, {_short(b[key])} now")
@@ -915,6 +921,7 @@ def _train(
     stopped = False
     ckpt = metrics = None
     start_record = {
+        "given": raw0 is not None or opt_state0 is not None or bool(start_step),
         "parameters": stage.table.as_dict(raw),
         "step": start,
         "optimiser state": None
