@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.jerald-installed
 MPIEXEC := $(VENV)/bin/mpiexec
 NPROC_MPI ?= 2
+# pytest-xdist workers of the single-process part (0: none). Two on 2 cores: much of a test's time is
+# one-threaded (XLA compiles, command lines starting Python), so two halve it where one cannot
+TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-serial test-mpi bench bench-large lint format clean
@@ -28,7 +31,7 @@ demo: $(STAMP)
 test: $(STAMP) test-serial test-mpi
 
 test-serial: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-mpi: $(STAMP)
 	$(MPIEXEC) -n $(NPROC_MPI) $(PY) -m pytest -q --with-mpi -m mpi -p no:cacheprovider $(PYTEST_ARGS)
