@@ -518,49 +518,19 @@ ffi::Error FdGradientImpl(ffi::AnyBuffer in, double hx, double hy, double hz, do
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldFdGradient, FdGradientImpl<false>, JERALD_FD_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldFdGradientAdjoint, FdGradientImpl<true>, JERALD_FD_BINDING);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicPaint, PaintImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Attr<double>("sx")
-                                  .Attr<double>("sy")
-                                  .Attr<double>("sz")
-                                  .Ret<ffi::AnyBuffer>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicReadout, ReadoutImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Attr<double>("sx")
-                                  .Attr<double>("sy")
-                                  .Attr<double>("sz")
-                                  .Ret<ffi::AnyBuffer>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicDisplace, DisplaceImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Attr<double>("sx")
-                                  .Attr<double>("sy")
-                                  .Attr<double>("sz")
-                                  .Ret<ffi::AnyBuffer>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicDisplaceVjp, DisplaceVjpImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Attr<double>("sx")
-                                  .Attr<double>("sy")
-                                  .Attr<double>("sz")
-                                  .Ret<ffi::AnyBuffer>());
+// The CIC handlers: buffers (positions, weights, meshes, cotangents), the mesh's cells per unit
+// length along x, y, z, and one result.
+#define JERALD_BUFFER .Arg<ffi::AnyBuffer>()
+#define JERALD_CIC_SCALES .Attr<double>("sx").Attr<double>("sy").Attr<double>("sz")
+#define JERALD_CIC_BINDING(BUFFERS) ffi::Ffi::Bind() BUFFERS JERALD_CIC_SCALES .Ret<ffi::AnyBuffer>()
+#define JERALD_2 JERALD_BUFFER JERALD_BUFFER
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicPaint, PaintImpl, JERALD_CIC_BINDING(JERALD_2));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicReadout, ReadoutImpl, JERALD_CIC_BINDING(JERALD_2));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicReadoutVjpPos, ReadoutVjpPosImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Attr<double>("sx")
-                                  .Attr<double>("sy")
-                                  .Attr<double>("sz")
-                                  .Ret<ffi::AnyBuffer>());
+                              JERALD_CIC_BINDING(JERALD_2 JERALD_BUFFER));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicDisplace, DisplaceImpl, JERALD_CIC_BINDING(JERALD_2));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicDisplaceVjp, DisplaceVjpImpl,
+                              JERALD_CIC_BINDING(JERALD_2 JERALD_2));
 
 // ------------------------------------------------------------------------------------------------
 // pybind11: FFI capsules, thread control, and numpy entry points (tests, benchmarks, non-JAX use).

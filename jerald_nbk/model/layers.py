@@ -1,7 +1,10 @@
 """Displacement layers (paper eqs 1-2, 4-7 and 12) and their Green's functions.
 
 A layer moves particles by ``S = alpha * grad(G * f(delta))`` read out at the particles (eq 1-2):
-CIC paint -> power law -> r2c -> Green's function x gradient kernel -> 3 c2r -> 3-channel readout.
+CIC paint -> power law -> r2c -> Green's function -> gradient (the engine's: a real-space stencil
+or Fourier factors) -> 3-channel readout, added to the positions. This module builds the potential
+(:func:`fourier_source`, :func:`fourier_sources`); the engine paints, takes the gradient and moves
+the particles (:meth:`ParticleMesh.displace`, which may differentiate the whole layer at once).
 
 Sign convention (pinned by a test): the Green's functions are positive and the gradient is the true
 one (Fourier factor ``+i k``), so ``alpha > 0`` moves particles toward overdensities, as gravity does
