@@ -1,5 +1,6 @@
-"""How a layer's gradient is taken, compared: three FFTs, the real-space stencil, and the stencil
-recomputed in the backward pass (the JAX engine's default).
+"""How a layer's gradient is taken, compared: three FFTs, the real-space stencil, the stencil
+recomputed in the backward pass, and the layer differentiated as one operation (the JAX engine's
+default).
 
 ``python -m benchmarks.gradient_paths [--size 128] [--rounds 3] [--calls 10]`` runs each variant
 in its own process, the variants one after another and that ``--rounds`` times (so that the
@@ -15,7 +16,11 @@ Variants (engines that differ only in how a layer's potential becomes a displace
 * ``stencil``: the C++ stencil on one inverse FFT, the 3-channel mesh kept;
 * ``recompute``: the stencil, and the backward pass recomputes the gradient mesh from the
   1-channel potential (``JaxEngine.readout_gradient``): 8 bytes per cell less per layer at the
-  step's peak, one stencil more per layer whose positions are differentiated.
+  step's peak, one stencil more per layer whose positions are differentiated;
+* ``fused``: ``recompute``, with the whole layer one operation (``JaxEngine.displace``): its
+  position cotangent in one particle pass, its readout added to the positions in the readout.
+
+The first three compose the layer as :meth:`ParticleMesh.displace` does.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = ("fourier", "stencil", "recompute")
+VARIANTS = ("fourier", "stencil", "recompute", "fused")
 PROGRAMS = ("layer", "dm1", "dm2", "hi")
 
 
@@ -37,18 +42,20 @@ def _engine(variant: str, n: int, box: float):
     from jerald_nbk.pm import JaxEngine
     from jerald_nbk.pm.base import ParticleMesh
 
-    class Fourier(JaxEngine):
+    class Recompute(JaxEngine):
+        def displace(self, pos, source, args=(), order=6, density=None):
+            return ParticleMesh.displace(self, pos, source, args, order, density)
+
+    class Stencil(Recompute):
+        def readout_gradient(self, phik, pos, order=6):
+            return ParticleMesh.readout_gradient(self, phik, pos, order)
+
+    class Fourier(Stencil):
         def gradient_mesh(self, phik, order=6):
             return ParticleMesh.gradient_mesh(self, phik, order)
 
-        def readout_gradient(self, phik, pos, order=6):
-            return ParticleMesh.readout_gradient(self, phik, pos, order)
-
-    class Stencil(JaxEngine):
-        def readout_gradient(self, phik, pos, order=6):
-            return ParticleMesh.readout_gradient(self, phik, pos, order)
-
-    return {"fourier": Fourier, "stencil": Stencil, "recompute": JaxEngine}[variant](n, box)
+    variants = {"fourier": Fourier, "stencil": Stencil, "recompute": Recompute, "fused": JaxEngine}
+    return variants[variant](n, box)
 
 
 def measure(variant: str, n: int, calls: int, box: float = 100.0) -> dict:

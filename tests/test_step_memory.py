@@ -3,11 +3,12 @@
 XLA's own memory analysis of the compiled step, per particle at 32^3 (N^3 particles on an N^3
 mesh), against bounds set a little above what the layers need since their intermediates are
 recomputed in the backward pass: :func:`jerald_nbk.model.layers.fourier_sources` (the power law,
-FFT and Green's function, one source after another) and the JAX engine's ``readout_gradient``
-(the 3-channel gradient mesh, from the 1-channel potential). Measured: 1-layer DM 48.5, 2-layer
-DM 79.4, 2-layer HI 103.4, 3-layer stellar 105.8 bytes per particle (with the gradient mesh
-kept and the two HI sources recomputed together: 48.5, 86.6, 114.8, 116.8; before any
-recomputation: 80.5, 141, 196). A bound that fails means that a layer keeps meshes alive from the
+FFT and Green's function, one source after another) and the JAX engine's ``displace`` (the
+3-channel gradient mesh, from the 1-channel potential, after the source's backward pass).
+Measured: 1-layer DM 48.5, 2-layer DM 77.0, 2-layer HI 103.4, 3-layer stellar 103.1 bytes per
+particle (with the layer differentiated piece by piece: 48.5, 79.4, 103.4, 105.8; with the
+gradient mesh kept and the two HI sources recomputed together: 48.5, 86.6, 114.8, 116.8; before
+any recomputation: 80.5, 141, 196). A bound that fails means that a layer keeps meshes alive from the
 forward pass to the end of the backward one again: e.g. XLA scheduled a recomputation into the
 forward pass (the cotangent no longer ties it), or a change saves the displacement, the gradient
 mesh or the Green's function.
