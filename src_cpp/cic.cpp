@@ -394,18 +394,27 @@ ffi::Error PaintImpl(ffi::AnyBuffer pos, ffi::AnyBuffer w, double sx, double sy,
   return ffi::Error::Success();
 }
 
+// DISPLACE: a displacement layer's last step, new positions = pos + readout(mesh, pos), the mesh
+// holding the 3-channel gradient.
+template <bool DISPLACE>
 ffi::Error ReadoutImpl(ffi::AnyBuffer mesh, ffi::AnyBuffer pos, double sx, double sy, double sz,
                        ffi::Result<ffi::AnyBuffer> out) {
-  if (auto e = check_pos(pos, "cic_readout"); !e.success()) return e;
+  const char* who = DISPLACE ? "cic_displace" : "cic_readout";
+  if (auto e = check_pos(pos, who); !e.success()) return e;
   Grid g;
-  if (auto e = check_mesh(mesh, g, sx, sy, sz, "cic_readout"); !e.success()) return e;
+  if (auto e = check_mesh(mesh, g, sx, sy, sz, who); !e.success()) return e;
+  if (DISPLACE && g.nch != 3)
+    return ffi::Error::InvalidArgument("cic_displace: mesh must have 3 channels");
   const int64_t n = pos.dimensions()[0];
   if (!same_float_type(pos.element_type(), {&mesh, &*out}))
-    return ffi::Error::InvalidArgument("cic_readout: all buffers must be float32 or all float64");
+    return ffi::Error::InvalidArgument(std::string(who) +
+                                       ": all buffers must be float32 or all float64");
   if (pos.element_type() == ffi::DataType::F32)
-    readout(mesh.typed_data<float>(), pos.typed_data<float>(), out->typed_data<float>(), n, g);
+    readout(mesh.typed_data<float>(), pos.typed_data<float>(), out->typed_data<float>(), n, g,
+            DISPLACE ? pos.typed_data<float>() : nullptr);
   else
-    readout(mesh.typed_data<double>(), pos.typed_data<double>(), out->typed_data<double>(), n, g);
+    readout(mesh.typed_data<double>(), pos.typed_data<double>(), out->typed_data<double>(), n, g,
+            DISPLACE ? pos.typed_data<double>() : nullptr);
   return ffi::Error::Success();
 }
 
@@ -426,25 +435,6 @@ ffi::Error ReadoutVjpPosImpl(ffi::AnyBuffer mesh, ffi::AnyBuffer pos, ffi::AnyBu
   else
     readout_vjp_pos(mesh.typed_data<double>(), pos.typed_data<double>(),
                     gout.typed_data<double>(), gd[0], out->typed_data<double>(), n, g);
-  return ffi::Error::Success();
-}
-
-// A displacement layer's last step: new positions = pos + readout(mesh, pos), mesh (.., 3).
-ffi::Error DisplaceImpl(ffi::AnyBuffer mesh, ffi::AnyBuffer pos, double sx, double sy, double sz,
-                        ffi::Result<ffi::AnyBuffer> out) {
-  if (auto e = check_pos(pos, "cic_displace"); !e.success()) return e;
-  Grid g;
-  if (auto e = check_mesh(mesh, g, sx, sy, sz, "cic_displace"); !e.success()) return e;
-  if (g.nch != 3) return ffi::Error::InvalidArgument("cic_displace: mesh must have 3 channels");
-  const int64_t n = pos.dimensions()[0];
-  if (!same_float_type(pos.element_type(), {&mesh, &*out}))
-    return ffi::Error::InvalidArgument("cic_displace: all buffers must be float32 or all float64");
-  if (pos.element_type() == ffi::DataType::F32)
-    readout(mesh.typed_data<float>(), pos.typed_data<float>(), out->typed_data<float>(), n, g,
-            pos.typed_data<float>());
-  else
-    readout(mesh.typed_data<double>(), pos.typed_data<double>(), out->typed_data<double>(), n, g,
-            pos.typed_data<double>());
   return ffi::Error::Success();
 }
 
@@ -525,10 +515,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldFdGradientAdjoint, FdGradientImpl<true>, JER
 #define JERALD_CIC_BINDING(BUFFERS) ffi::Ffi::Bind() BUFFERS JERALD_CIC_SCALES .Ret<ffi::AnyBuffer>()
 #define JERALD_2 JERALD_BUFFER JERALD_BUFFER
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicPaint, PaintImpl, JERALD_CIC_BINDING(JERALD_2));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicReadout, ReadoutImpl, JERALD_CIC_BINDING(JERALD_2));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicReadout, ReadoutImpl<false>, JERALD_CIC_BINDING(JERALD_2));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicReadoutVjpPos, ReadoutVjpPosImpl,
                               JERALD_CIC_BINDING(JERALD_2 JERALD_BUFFER));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicDisplace, DisplaceImpl, JERALD_CIC_BINDING(JERALD_2));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicDisplace, ReadoutImpl<true>, JERALD_CIC_BINDING(JERALD_2));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JeraldCicDisplaceVjp, DisplaceVjpImpl,
                               JERALD_CIC_BINDING(JERALD_2 JERALD_2));
 

@@ -330,41 +330,31 @@ def _displace_vjp_impl(grad, unit, pos, ct, cfg: CICConfig):
 # readout's and the density paint's, all at the same positions) in one particle pass instead of
 # two passes and a sum of three (N, 3) arrays. The gradient mesh is not kept: the backward pass
 # recomputes it from the potential once the source's backward pass is done (remat.tied_to), so
-# the 3-channel mesh is never alive together with the source's intermediates. ``rho`` None: the
-# layer paints the density of ``pos`` itself; else ``rho`` is an input of its own.
+# the 3-channel mesh is never alive together with the source's intermediates. ``painted`` (``rho``
+# None): the layer paints the density of ``pos`` itself; else ``rho`` is an input of its own.
 
 
-@jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class _Flag:
-    """A static boolean among the residuals (a pytree node with no leaves)."""
-
-    value: bool
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _displace(pm, source, order, pos, rho, args):
-    return _displace_fwd(pm, source, order, pos, rho, args)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _displace(pm, source, order, painted, pos, rho, args):
+    return _displace_fwd(pm, source, order, painted, pos, rho, args)[0]
 
 
 def _density_norm(pm, pos):
     return pm.ncells / pos.shape[0]  # ParticleMesh.density: paint x ncells / N
 
 
-def _displace_fwd(pm, source, order, pos, rho, args):
+def _displace_fwd(pm, source, order, painted, pos, rho, args):
     cfg = pm._cfg
-    painted = rho is None
     if painted:
         rho = _paint_impl(pos, jnp.ones((1, 1), pos.dtype), cfg)[..., 0] * _density_norm(pm, pos)
     phik, source_vjp = jax.vjp(source, rho, *args)
     phi = pm.c2r(phik)
     grad = _fd_apply(phi, pm._cells, order, cfg.kernel, adjoint=False)
-    return _displace_impl(grad, pos, cfg), (pos, phi, source_vjp, _Flag(painted))
+    return _displace_impl(grad, pos, cfg), (pos, phi, source_vjp)
 
 
-def _displace_bwd(pm, source, order, res, ct):
-    pos, phi, source_vjp, painted = res
-    painted = painted.value
+def _displace_bwd(pm, source, order, painted, res, ct):
+    pos, phi, source_vjp = res
     cfg = pm._cfg
     ct = ct.astype(pos.dtype)
     # the potential's cotangent: the readout's adjoint (paint), the stencil's, the c2r's
@@ -515,7 +505,7 @@ class JaxEngine(ParticleMesh):
         if order not in fourier.FD_WEIGHTS:
             return super().displace(pos, source, args, order, density)
         rho = None if density is None else jnp.asarray(density).astype(self.dtype)
-        return _displace(self, source, order, self._as_pos(pos), rho, tuple(args))
+        return _displace(self, source, order, rho is None, self._as_pos(pos), rho, tuple(args))
 
     def describe(self):
         return super().describe() | {"kernel": self.kernel, "threads": num_threads()}
